@@ -1,0 +1,45 @@
+"""kvprune: KV-cache eviction for Hugging Face transformers, as one cache you pass to ``generate``."""
+
+from .caches import Budget, CacheStats, PruningCache
+from .errors import (
+    BatchMismatchError,
+    CacheUsageError,
+    InvalidBudgetError,
+    InvalidParameterError,
+    KVPruneError,
+    UnknownPolicyError,
+    UnsupportedArchitectureError,
+    UnsupportedGenerationModeError,
+)
+from .integrations import SUPPORTED_MODEL_TYPES, make_cache, prepare_model
+from .policies import A2SF, H2O, POLICIES, TOVA, FullCache, KNorm, Policy, RandomPolicy, SnapKV, StreamingLLM, build_policy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "A2SF",
+    "H2O",
+    "POLICIES",
+    "SUPPORTED_MODEL_TYPES",
+    "TOVA",
+    "BatchMismatchError",
+    "Budget",
+    "CacheStats",
+    "CacheUsageError",
+    "FullCache",
+    "InvalidBudgetError",
+    "InvalidParameterError",
+    "KNorm",
+    "KVPruneError",
+    "Policy",
+    "PruningCache",
+    "RandomPolicy",
+    "SnapKV",
+    "StreamingLLM",
+    "UnknownPolicyError",
+    "UnsupportedArchitectureError",
+    "UnsupportedGenerationModeError",
+    "build_policy",
+    "make_cache",
+    "prepare_model",
+]

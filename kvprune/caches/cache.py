@@ -1,0 +1,109 @@
+"""The transformers-facing cache: one :class:`PruningLayer` per decoder layer, one policy, one budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache
+
+from ..errors import CacheUsageError, InvalidBudgetError, InvalidParameterError
+from ..policies import Policy, build_policy
+from .budget import Budget
+from .layer import PruningLayer
+
+#: attention implementations whose names start with this route through kvprune
+ATTN_PREFIX = "kvprune_"
+
+
+@dataclass
+class CacheStats:
+    """What the cache holds: kept tokens per layer and (row, KV head), evictions and bytes."""
+
+    tokens_seen: int
+    kept: list[torch.Tensor]  # per layer: [batch, kv_heads] valid tokens held
+    slots: list[int]  # per layer: physical slots per (row, KV head)
+    evictions: list[int]  # per layer: tokens evicted, summed over rows and heads
+    kv_bytes: int
+    metadata_bytes: int
+
+
+class PruningCache(Cache):
+    """A ``transformers`` cache that keeps each layer within ``budget`` using ``policy``.
+
+    ``policy`` is a name (``"a2sf"``, ``"h2o"``, ...) with its parameters as keyword arguments, or a
+    :class:`~kvprune.policies.Policy`. ``budget`` is slots per (row, KV head): an int, or a float
+    ratio of the tokens seen. The model must be prepared (``kvprune.prepare_model``) so that its
+    attention reaches kvprune; ``kvprune.make_cache(model, ...)`` does both.
+    """
+
+    def __init__(
+        self,
+        policy: str | Policy = "full",
+        budget: int | float | Budget | None = None,
+        *,
+        config: PretrainedConfig | None = None,
+        num_layers: int | None = None,
+        **policy_params: Any,
+    ) -> None:
+        self.policy = build_policy(policy, **policy_params)
+        self.budget = Budget.parse(budget)
+        if self.policy.evicts and self.budget is None:
+            raise InvalidBudgetError(
+                f"policy {self.policy.name!r} needs a budget: an int token count >= {self.policy.min_budget()} "
+                "or a float ratio in (0, 1) of the tokens seen (policy='full' needs none)"
+            )
+        if self.budget is not None:
+            self.budget.check_room(self.policy.min_budget(), self.policy.name)
+        self.config = config
+        if config is not None:
+            num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise InvalidParameterError(
+                f"pass config=model.config or num_layers=<int >= 1> to size the cache; got num_layers={num_layers!r}"
+            )
+        super().__init__(layers=[PruningLayer(i, self.policy, self.budget) for i in range(num_layers)])
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config is not None:
+            impl = str(getattr(self.config, "_attn_implementation", None))
+            if not impl.startswith(ATTN_PREFIX):
+                raise CacheUsageError(
+                    f"the model's attention implementation is {impl!r}, so kvprune cannot see its attention; "
+                    "call kvprune.prepare_model(model) first or build the cache with kvprune.make_cache(model, ...)"
+                )
+        if layer_idx >= len(self.layers):
+            raise InvalidParameterError(f"layer index {layer_idx} is out of range for a cache of {len(self.layers)} layers")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
+        """Both transformers signatures: ``(query_length, layer_idx)`` (>= 5.3) and ``(cache_position, layer_idx)``."""
+        return self.layers[min(layer_idx, len(self.layers) - 1)].get_mask_sizes(query_length)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        self.layers[0].crop(0)
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def stats(self) -> CacheStats:
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        return CacheStats(
+            tokens_seen=self.get_seq_length(),
+            kept=[layer.valid.sum(-1).cpu() for layer in layers],
+            slots=[layer.physical_length for layer in layers],
+            evictions=[layer.evictions for layer in layers],
+            kv_bytes=sum(layer.kv_bytes() for layer in layers),
+            metadata_bytes=sum(layer.metadata_bytes() for layer in layers),
+        )
+
+    def __repr__(self) -> str:
+        return f"PruningCache(policy={self.policy!r}, budget={self.budget!r}, layers={len(self.layers)})"

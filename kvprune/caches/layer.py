@@ -1,0 +1,217 @@
+"""One layer of a pruning cache: kept keys/values per (row, KV head) with their positions and scores.
+
+Tensors are rectangular ``[batch, kv_heads, slots, ...]``; a slot that holds no token (padding)
+has ``valid == False`` and is masked out. ``positions`` is each token's logical index in the
+stream (what transformers calls its cache position); ``ranks`` is its index among the row's
+valid tokens, which is what sinks and recent windows are counted in.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from ..errors import BatchMismatchError, CacheUsageError, UnsupportedGenerationModeError
+from ..policies import Policy
+from .budget import Budget
+
+INDEX_DTYPE = torch.int32
+
+
+def _is_compiling() -> bool:
+    return bool(getattr(torch, "compiler", None) and torch.compiler.is_compiling())
+
+
+class PruningLayer(CacheLayerMixin):
+    """Per-layer storage with the policy's score state; evicts down to the budget after each forward."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, layer_idx: int, policy: Policy, budget: Budget | None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.policy = policy
+        self.budget = budget
+        self.reset()
+
+    # -- transformers' layer contract --------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, _ = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty((b, h, 0, key_states.shape[-1]))
+        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.positions = torch.empty((b, h, 0), dtype=INDEX_DTYPE, device=self.device)
+        self.ranks = torch.empty((b, h, 0), dtype=INDEX_DTYPE, device=self.device)
+        self.valid = torch.empty((b, h, 0), dtype=torch.bool, device=self.device)
+        self.scores = torch.empty((b, h, 0), dtype=torch.float32, device=self.device)
+        self.n_valid = torch.zeros(b, dtype=torch.int64, device=self.device)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens; the attention function then observes, scores and evicts."""
+        if _is_compiling():
+            raise UnsupportedGenerationModeError(
+                "kvprune caches change shape at every step and cannot run under torch.compile; "
+                "generate without compile (drop `compile_config`/`torch.compile`) or use policy='full' with "
+                "transformers' StaticCache"
+            )
+        if self.pending:
+            raise CacheUsageError(
+                "the previous forward never reached kvprune's attention function. Prepare the model with "
+                "kvprune.prepare_model(model) or build the cache with kvprune.make_cache(model, ...)"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, q, _ = key_states.shape
+        if b != self.keys.shape[0] or h != self.keys.shape[1]:
+            raise BatchMismatchError(
+                f"layer {self.layer_idx} holds batch {self.keys.shape[0]} x {self.keys.shape[1]} KV heads but got "
+                f"{b} x {h}; use one cache per batch (cache.reset() to start over)"
+            )
+        dev = self.device
+        pos = torch.arange(self.n_seen, self.n_seen + q, dtype=INDEX_DTYPE, device=dev).expand(b, h, q)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, pos], dim=-1)
+        self.ranks = torch.cat([self.ranks, torch.full((b, h, q), -1, dtype=INDEX_DTYPE, device=dev)], dim=-1)
+        self.valid = torch.cat([self.valid, torch.ones((b, h, q), dtype=torch.bool, device=dev)], dim=-1)
+        self.scores = torch.cat([self.scores, torch.zeros((b, h, q), dtype=torch.float32, device=dev)], dim=-1)
+        self.n_seen += q
+        self.pending = q
+        self.keys._kvprune_layer = self  # lets the attention function find this layer
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        """Logical sizes: the mask function hands the whole 2D padding mask to kvprune's attention."""
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
+        return self.n_seen + q, 0
+
+    def get_seq_length(self) -> int:
+        """Tokens seen (logical), so generate's positions stay right after evictions."""
+        return self.n_seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    get_max_cache_shape = get_max_length  # the same contract's name in transformers < 5.3
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.positions = self.ranks = self.valid = self.scores = None
+        self.n_valid: torch.Tensor | None = None
+        self.n_seen = 0
+        self.pending = 0
+        self.evictions = 0
+        self.heads_aligned = True
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise UnsupportedGenerationModeError(
+            "a pruning cache cannot be rolled back (evicted tokens are gone), so assisted/speculative decoding "
+            "and prompt-lookup decoding are not supported; use greedy, sampling or beam search"
+        )
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.device)
+        for name in ("keys", "values", "positions", "ranks", "valid", "scores", "n_valid"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_rows(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(torch.as_tensor(indices))
+
+    # -- the kvprune side: called by the attention function ------------------------------------
+    def observe_padding(self, new_valid: torch.Tensor | None) -> None:
+        """Record which new tokens are real (``[B, q]`` bool, None = all) and give them initial scores."""
+        q = self.pending
+        b, h = self.keys.shape[:2]
+        if new_valid is None:
+            new_valid = torch.ones((b, q), dtype=torch.bool, device=self.device)
+        new_valid = new_valid.to(self.device, torch.bool)
+        ranks = self.n_valid[:, None] + new_valid.long().cumsum(-1) - 1
+        ranks = torch.where(new_valid, ranks, -1).to(INDEX_DTYPE)
+        self.n_valid = self.n_valid + new_valid.sum(-1)
+        self.valid[..., -q:] = new_valid[:, None, :]
+        self.ranks[..., -q:] = ranks[:, None, :]
+        init = self.policy.initial_scores(self.keys[..., -q:, :], self.ranks[..., -q:].long(), self.layer_idx)
+        self.scores[..., -q:] = init.to(torch.float32).expand(b, h, q)
+
+    def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor:
+        """Which slots each new query may attend: ``[B, H or 1, q, S]`` bool, from positions and validity."""
+        src = slice(0, 1) if self.heads_aligned else slice(None)
+        kpos = self.positions[:, src, None, :]
+        qpos = torch.arange(self.n_seen - n_queries, self.n_seen, device=self.device, dtype=INDEX_DTYPE)
+        qpos = qpos[None, None, :, None]
+        allowed = self.valid[:, src, None, :] & (kpos <= qpos)
+        if sliding_window is not None:
+            allowed &= kpos > qpos - sliding_window
+        # a padding query sees only itself, so its (unused) softmax row is finite
+        return allowed | (kpos == qpos)
+
+    def finish(self, obs: torch.Tensor | None) -> None:
+        """Fold the observation into the scores and evict down to the budget."""
+        if obs is not None or self.policy.observation == "none":
+            self.scores = self.policy.update_scores(self.scores, obs, self.pending)
+        self.pending = 0
+        self.evict()
+
+    def capacity(self) -> torch.Tensor | None:
+        """Slots each row may fill now, ``[B]`` (None: unbounded). Rows get their own ratio budgets."""
+        if self.budget is None or not self.policy.evicts or self.n_valid is None:
+            return None
+        return self.budget.slots(self.n_valid, self.policy.min_budget())
+
+    def protected(self, caps: torch.Tensor) -> torch.Tensor:
+        """Sinks, the recent window and the newest token of each row: ``[B, H, S]`` bool."""
+        recent = self.policy.recent_tokens(caps).clamp(min=1)
+        first_recent = (self.n_valid - recent)[:, None, None]
+        return self.valid & ((self.ranks < self.policy.n_sink) | (self.ranks >= first_recent))
+
+    def evict(self) -> None:
+        caps = self.capacity()
+        if caps is None:
+            return
+        cap = int(caps.max())
+        if self.keys.shape[-2] <= cap and not bool((self.valid.sum(-1) > caps[:, None]).any()):
+            return
+        eff = self.scores.masked_fill(self.protected(caps), float("inf")).masked_fill(~self.valid, float("-inf"))
+        # stable sort: among equal scores the older token (earlier slot) wins, deterministically
+        order = eff.sort(dim=-1, descending=True, stable=True).indices[..., :cap]
+        keep, perm = order.sort(dim=-1)
+        before = int(self.valid.sum())
+        idx = keep[..., None]
+        self.keys = self.keys.gather(2, idx.expand(-1, -1, -1, self.keys.shape[-1]))
+        self.values = self.values.gather(2, idx.expand(-1, -1, -1, self.values.shape[-1]))
+        for name in ("positions", "ranks", "valid", "scores"):
+            setattr(self, name, getattr(self, name).gather(2, keep))
+        # a row whose own budget is below the widest row's keeps its surplus slots as padding
+        self.valid &= perm < caps[:, None, None]
+        self.evictions += before - int(self.valid.sum())
+        self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
+
+    # -- introspection -------------------------------------------------------------------------
+    @property
+    def physical_length(self) -> int:
+        """Slots held per (row, KV head)."""
+        return 0 if not self.is_initialized else self.keys.shape[-2]
+
+    def kv_bytes(self) -> int:
+        return 0 if not self.is_initialized else self.keys.nbytes + self.values.nbytes
+
+    def metadata_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.nbytes for t in (self.positions, self.ranks, self.valid, self.scores, self.n_valid))

@@ -1,0 +1,215 @@
+"""kvprune's attention function: real kernels for the output, and the scores fused kernels never return.
+
+Registered with transformers' ``AttentionInterface`` as ``kvprune_eager``, ``kvprune_sdpa`` and
+``kvprune_flash_attention_2``. Per layer it builds the mask from the cache's positions and
+padding, computes the output with the named backend, and hands the policy the observation it
+declared: the decode query's softmax row (the output is computed from that same row), the last
+``w`` prefill queries, or weighted column sums over all prefill queries in bounded query blocks.
+Probabilities are float32 and averaged over the query heads of each KV group (GQA).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..caches import ATTN_PREFIX, PruningLayer
+from ..policies import Policy
+
+BACKENDS = ("eager", "sdpa", "flash_attention_2")
+#: float32 elements of attention probabilities materialised at once by the block estimator
+BLOCK_ELEMENTS = 1 << 23
+
+
+def grouped_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax rows ``[B, Hkv, G, q, S]`` (at least float32) without expanding keys to query heads."""
+    b, hq, q, d = query.shape
+    hkv = key.shape[1]
+    qg = query.view(b, hkv, hq // hkv, q, d)
+    logits = torch.matmul(qg, key.unsqueeze(2).transpose(-1, -2)) * scaling
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def grouped_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``probs @ value`` per KV group, returned as ``[B, Hq, q, Dv]``."""
+    out = torch.matmul(probs.to(value.dtype), value.unsqueeze(2))
+    b, hkv, g, q, dv = out.shape
+    return out.reshape(b, hkv * g, q, dv)
+
+
+def reduce_probs(probs: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Weighted sum over queries, mean over the group: ``[B, Hkv, G, q, S]`` -> ``[B, Hkv, S]``."""
+    if weights is not None:
+        probs = probs * weights[:, None, None, :, None]
+    return probs.sum(dim=3).mean(dim=2)
+
+
+def _expand_heads(allowed: torch.Tensor, n_heads: int) -> torch.Tensor:
+    b, h, q, s = allowed.shape
+    if h == 1:
+        return allowed
+    return allowed[:, :, None].expand(b, h, n_heads // h, q, s).reshape(b, n_heads, q, s)
+
+
+def sdpa_output(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    mask = _expand_heads(allowed, query.shape[1])
+    gqa = query.shape[1] != key.shape[1]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+
+
+def flash_output(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scaling: float, plain_causal: bool
+) -> torch.Tensor:
+    """FlashAttention-2 when the mask is plain bottom-right causal (no padding, aligned heads); SDPA otherwise."""
+    if plain_causal and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        from flash_attn import flash_attn_func  # optional extra: pip install kvprune[flash]
+
+        out = flash_attn_func(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling, causal=True
+        )
+        return out.transpose(1, 2)
+    return sdpa_output(query, key, value, allowed, scaling)
+
+
+def estimate_observation(
+    policy: Policy,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    allowed: torch.Tensor,
+    query_valid: torch.Tensor,
+    scaling: float,
+    probs: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The observation ``policy`` declared, as ``[B, Hkv, S]`` float32 (None for ``"none"``).
+
+    ``probs`` (all rows, from an eager pass) is reused when given; otherwise only the rows the
+    observation needs are computed, in blocks of at most ``BLOCK_ELEMENTS`` probabilities.
+    """
+    mode = policy.observation
+    if mode == "none":
+        return None
+    b, hq, q, _ = query.shape
+    if mode == "last_query":
+        first = q - 1
+        weights = query_valid[:, first:].float()
+    elif mode == "window":
+        first = max(0, q - policy.window_size)
+        weights = query_valid[:, first:].float()
+    else:
+        first = 0
+        weights = policy.query_weights(q).to(query.device)[None, :] * query_valid.float()
+    if probs is not None:
+        obs = reduce_probs(probs[:, :, :, first:], weights)
+    else:
+        s = key.shape[-2]
+        step = max(1, BLOCK_ELEMENTS // max(1, b * hq * s))
+        obs = torch.zeros((b, key.shape[1], s), dtype=torch.float32, device=query.device)
+        for start in range(first, q, step):
+            stop = min(q, start + step)
+            w = weights[:, start - first : stop - first]
+            if not bool((w != 0).any()):  # e.g. A2SF weights that underflowed, or padding queries
+                continue
+            p = grouped_probs(query[:, :, start:stop], key, allowed[:, :, start:stop], scaling)
+            obs += reduce_probs(p, w)
+    if policy.shared_across_heads:
+        obs = obs.mean(dim=1, keepdim=True).expand_as(obs)
+    return obs
+
+
+def _padding_of_new_tokens(attention_mask: Any, q: int, b: int) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        from ..errors import InvalidParameterError
+
+        raise InvalidParameterError(
+            "kvprune builds its own per-layer masks and needs the 2D padding mask [batch, tokens]; "
+            f"got a {type(attention_mask).__name__} of shape {getattr(attention_mask, 'shape', None)}"
+        )
+    return attention_mask[:, -q:].to(torch.bool).expand(b, q)
+
+
+def _plain_allowed(attention_mask: torch.Tensor | None, b: int, q: int, s: int, device: torch.device, window: int | None) -> torch.Tensor:
+    """Mask for a model run without a kvprune cache (keys are the whole stream, positions 0..S-1)."""
+    kpos = torch.arange(s, device=device)[None, None, None, :]
+    qpos = torch.arange(s - q, s, device=device)[None, None, :, None]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed = allowed & (kpos > qpos - window)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, -s:].to(torch.bool)[:, None, None, :]
+    return allowed | (kpos == qpos)
+
+
+def kvprune_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The function registered for ``kvprune_<backend>``; returns ``([B, q, Hq, Dv], weights or None)``."""
+    impl = module.config._attn_implementation
+    backend = impl[len(ATTN_PREFIX) :] if impl.startswith(ATTN_PREFIX) else "sdpa"
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    b, _, q, _ = query.shape
+    s = key.shape[-2]
+    layer: PruningLayer | None = getattr(key, "_kvprune_layer", None)
+    new_valid = _padding_of_new_tokens(attention_mask, q, b)
+
+    if layer is not None and layer.pending == q:
+        layer.observe_padding(new_valid)
+        allowed = layer.attention_allowed(q, sliding_window)
+        policy = layer.policy
+    else:
+        layer = None
+        allowed = _plain_allowed(attention_mask if new_valid is not None else None, b, q, s, query.device, sliding_window)
+        policy = None
+
+    weights: torch.Tensor | None = None
+    obs = None
+    if q == 1 or backend == "eager":
+        probs = grouped_probs(query, key, allowed, scaling)
+        out = grouped_output(probs, value)
+        if backend == "eager":
+            weights = probs.flatten(1, 2).to(query.dtype)
+        if policy is not None:
+            qv = new_valid if new_valid is not None else torch.ones((b, q), dtype=torch.bool, device=query.device)
+            obs = estimate_observation(policy, query, key, allowed, qv, scaling, probs=probs)
+    else:
+        if backend == "flash_attention_2":
+            plain = new_valid is None and (layer is None or (layer.heads_aligned and bool(layer.valid.all())))
+            out = flash_output(query, key, value, allowed, scaling, plain)
+        else:
+            out = sdpa_output(query, key, value, allowed, scaling)
+        if policy is not None:
+            qv = new_valid if new_valid is not None else torch.ones((b, q), dtype=torch.bool, device=query.device)
+            obs = estimate_observation(policy, query, key, allowed, qv, scaling)
+    if layer is not None:
+        layer.finish(obs)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def kvprune_mask(*args: Any, attention_mask: torch.Tensor | None = None, kv_length: int | None = None, **kwargs: Any) -> torch.Tensor | None:
+    """Mask "function" for the kvprune implementations: pass the 2D padding mask through untouched."""
+    if attention_mask is None or kv_length is None:
+        return attention_mask
+    return attention_mask[:, -kv_length:]
+
+
+def register() -> None:
+    """Register ``kvprune_<backend>`` attention and mask functions with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    for backend in BACKENDS:
+        AttentionInterface.register(ATTN_PREFIX + backend, kvprune_attention)
+        AttentionMaskInterface.register(ATTN_PREFIX + backend, kvprune_mask)

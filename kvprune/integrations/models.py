@@ -1,0 +1,56 @@
+"""Where kvprune meets a model: architecture checks, switching its attention to kvprune, building caches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..caches import ATTN_PREFIX, Budget, PruningCache
+from ..errors import InvalidParameterError, UnsupportedArchitectureError
+from ..policies import Policy
+from .attention import BACKENDS, register
+
+#: model families whose attention calls ``past_key_values.update`` and transformers' attention interface
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_architecture(config: Any) -> None:
+    """Raise :class:`UnsupportedArchitectureError` unless kvprune can drive this model family."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"model type {model_type!r} is not supported by kvprune; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    layer_types = getattr(text, "layer_types", None) or []
+    odd = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+    if odd:
+        raise UnsupportedArchitectureError(f"layer types {odd} are not supported; kvprune handles full and sliding attention")
+
+
+def prepare_model(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
+    """Route ``model``'s attention through kvprune, keeping its backend (or switching to ``backend``)."""
+    check_architecture(model.config)
+    register()
+    current = model.config._attn_implementation or "eager"
+    base = backend or (current[len(ATTN_PREFIX) :] if current.startswith(ATTN_PREFIX) else current)
+    if base not in BACKENDS:
+        raise InvalidParameterError(f"attention backend {base!r} is not supported; valid: {', '.join(BACKENDS)}")
+    if current != ATTN_PREFIX + base:
+        model.set_attn_implementation(ATTN_PREFIX + base)
+    return model
+
+
+def make_cache(
+    model: torch.nn.Module,
+    policy: str | Policy = "a2sf",
+    budget: int | float | Budget | None = None,
+    *,
+    backend: str | None = None,
+    **policy_params: Any,
+) -> PruningCache:
+    """Prepare ``model`` and return a fresh :class:`PruningCache` for one ``generate`` conversation."""
+    cache = PruningCache(policy, budget, config=model.config, **policy_params)
+    prepare_model(model, backend)
+    return cache

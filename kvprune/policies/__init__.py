@@ -1,0 +1,56 @@
+"""Eviction policies: pure tensor logic, one small module each, buildable by name."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..errors import InvalidParameterError, UnknownPolicyError
+from .a2sf import A2SF
+from .base import OBSERVATIONS, Observation, Policy
+from .full import FullCache
+from .h2o import H2O
+from .knorm import KNorm
+from .random import RandomPolicy
+from .snapkv import SnapKV
+from .streaming import StreamingLLM
+from .tova import TOVA
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (FullCache, StreamingLLM, H2O, TOVA, SnapKV, KNorm, RandomPolicy, A2SF)
+}
+
+
+def build_policy(policy: str | Policy, **params: Any) -> Policy:
+    """Return ``policy`` itself, or a new policy built from its registered name and parameters."""
+    if isinstance(policy, Policy):
+        if params:
+            raise InvalidParameterError("pass parameters either to the policy object or by name, not both")
+        return policy
+    if not isinstance(policy, str) or policy.lower() not in POLICIES:
+        raise UnknownPolicyError(f"unknown policy {policy!r}; valid names: {', '.join(sorted(POLICIES))}")
+    cls = POLICIES[policy.lower()]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise InvalidParameterError(
+            f"policy {cls.name!r} has no parameter(s) {unknown}; valid parameters: {sorted(fields)}"
+        )
+    return cls(**params)
+
+
+__all__ = [
+    "A2SF",
+    "H2O",
+    "KNorm",
+    "OBSERVATIONS",
+    "POLICIES",
+    "FullCache",
+    "Observation",
+    "Policy",
+    "RandomPolicy",
+    "SnapKV",
+    "StreamingLLM",
+    "TOVA",
+    "build_policy",
+]

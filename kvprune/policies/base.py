@@ -1,0 +1,85 @@
+"""The policy contract: what a policy observes, how it scores slots, which tokens it protects.
+
+A policy is pure tensor logic. It never sees a model, a mask or a cache object: the cache hands it
+per-slot tensors of shape ``[batch, kv_heads, slots]`` and the attention function hands it the
+observation it declared (attention probabilities already averaged over the query heads of each
+KV group, float32).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from ..errors import InvalidParameterError
+
+Observation = Literal["none", "last_query", "window", "all_queries"]
+OBSERVATIONS: tuple[str, ...] = ("none", "last_query", "window", "all_queries")
+
+
+def check_int(name: str, value: object, low: int, what: str = "") -> int:
+    """Validate an integer parameter ``>= low`` and return it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidParameterError(f"{name} must be an integer >= {low}{what}; got {value!r}")
+    return value
+
+
+@dataclass
+class Policy:
+    """Base policy: keeps ``n_sink`` first tokens and ``recent`` last tokens, scores nothing.
+
+    ``recent`` is a token count (int) or a fraction of the current budget (float in [0, 1)).
+    Subclasses override :meth:`initial_scores` and/or :meth:`update_scores` and set ``observation``.
+    """
+
+    n_sink: int = 0
+    recent: int | float = 0
+
+    name: ClassVar[str] = "base"
+    observation: ClassVar[Observation] = "none"
+    #: one keep-set per layer (scores averaged over all heads) instead of one per KV head
+    shared_across_heads: ClassVar[bool] = False
+    #: the policy never evicts (budget is ignored)
+    evicts: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check_int("n_sink", self.n_sink, 0)
+        r = self.recent
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or (isinstance(r, float) and not 0.0 <= r < 1.0) or r < 0:
+            raise InvalidParameterError(
+                f"recent must be a token count >= 0 or a fraction of the budget in [0, 1); got {r!r}"
+            )
+
+    # -- protection -------------------------------------------------------------------------
+    def recent_tokens(self, budget: torch.Tensor) -> torch.Tensor:
+        """Most recent tokens protected per row when the row's budget is ``budget`` slots."""
+        if isinstance(self.recent, float):
+            return torch.floor(budget.double() * self.recent).long()
+        return torch.full_like(budget, self.recent)
+
+    def min_budget(self) -> int:
+        """Smallest absolute budget that leaves room for the protected tokens plus the newest token."""
+        if isinstance(self.recent, float):  # n_sink + floor(r * budget) <= budget
+            return max(self.n_sink + 1, math.ceil(self.n_sink / (1.0 - self.recent)))
+        return self.n_sink + max(self.recent, 1)
+
+    # -- scoring ----------------------------------------------------------------------------
+    @property
+    def window_size(self) -> int:
+        """Number of trailing prefill queries observed when ``observation == "window"``."""
+        return 1
+
+    def query_weights(self, n_queries: int) -> torch.Tensor:
+        """Weight of each of the ``n_queries`` new queries in an ``all_queries`` observation."""
+        return torch.ones(n_queries, dtype=torch.float32)
+
+    def initial_scores(self, keys: torch.Tensor, ranks: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """Scores of newly written slots ``[B, H, q]`` from their keys and ranks (valid-token index)."""
+        return torch.zeros(ranks.shape, dtype=torch.float32, device=ranks.device)
+
+    def update_scores(self, scores: torch.Tensor, obs: torch.Tensor | None, n_new: int) -> torch.Tensor:
+        """New per-slot scores after a forward of ``n_new`` queries that observed ``obs``."""
+        return scores

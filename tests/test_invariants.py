@@ -1,0 +1,122 @@
+"""Property-based invariants of the pruning cache (hypothesis), on a float64 tiny model."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import padded_batch, tiny_model
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import position_ids_from_mask
+
+import kvprune
+
+pytestmark = pytest.mark.integration
+
+POLICY_PARAMS = {
+    "a2sf": st.fixed_dictionaries({"alpha": st.sampled_from([0.1, 0.5, 1.0]), "n_sink": st.integers(0, 2)}),
+    "h2o": st.fixed_dictionaries({"recent": st.sampled_from([0.25, 0.5, 2])}),
+    "tova": st.fixed_dictionaries({"n_sink": st.integers(0, 2)}),
+    "snapkv": st.fixed_dictionaries({"window": st.integers(1, 4), "kernel_size": st.sampled_from([1, 3, 5])}),
+    "knorm": st.fixed_dictionaries({"recent": st.integers(0, 3)}),
+    "random": st.fixed_dictionaries({"seed": st.integers(0, 5)}),
+    "streaming": st.fixed_dictionaries({"n_sink": st.integers(0, 4)}),
+}
+
+
+@st.composite
+def scenarios(draw):
+    name = draw(st.sampled_from(sorted(POLICY_PARAMS)))
+    params = draw(POLICY_PARAMS[name])
+    policy = kvprune.build_policy(name, **params)
+    if draw(st.booleans()):
+        budget = draw(st.integers(policy.min_budget(), policy.min_budget() + 12))
+    else:
+        budget = draw(st.sampled_from([0.3, 0.5, 0.8]))
+    lengths = draw(st.lists(st.integers(1, 18), min_size=1, max_size=3))
+    steps = draw(st.integers(0, 6))
+    backend = draw(st.sampled_from(["eager", "sdpa"]))
+    return name, params, budget, lengths, steps, backend
+
+
+@functools.lru_cache(maxsize=None)
+def _model(backend):
+    return tiny_model("llama", backend, dtype=torch.float64)
+
+
+def _run(name, params, budget, ids, mask, steps, backend, check=None):
+    """Greedy decode with a kvprune cache; ``check(cache, written)`` runs after every forward."""
+    model = _model(backend)
+    cache = kvprune.make_cache(model, name, budget, **params)
+    written = {}
+    for layer in cache.layers:
+        orig = layer.update
+
+        def record(k, v, *a, _layer=layer, _orig=orig, **kw):
+            for j in range(k.shape[2]):
+                written[(_layer.layer_idx, _layer.n_seen + j)] = (k[:, :, j].clone(), v[:, :, j].clone())
+            return _orig(k, v, *a, **kw)
+
+        layer.update = record
+    pos = position_ids_from_mask(mask)
+    tokens = []
+    for _ in range(steps + 1):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+        if check:
+            check(cache, written)
+        ids = logits[:, -1:].argmax(-1)
+        tokens.append(ids)
+        mask = torch.cat([mask, torch.ones_like(ids)], 1)
+        pos = pos[:, -1:] + 1
+    return torch.cat(tokens, 1), cache
+
+
+def _check_layer_invariants(cache, written):
+    for layer in cache.layers:
+        caps = layer.capacity()
+        assert layer.physical_length <= int(caps.max()), "physical size <= budget"
+        recent = layer.policy.recent_tokens(caps).clamp(min=1)
+        b, h, s = layer.positions.shape
+        for r in range(b):
+            n_valid = int(layer.n_valid[r])
+            must = {k for k in range(n_valid) if k < layer.policy.n_sink or k >= n_valid - int(recent[r])}
+            for hh in range(h):
+                v = layer.valid[r, hh]
+                pos = layer.positions[r, hh][v]
+                assert bool((pos[1:] > pos[:-1]).all()), "kept positions unique and increasing"
+                assert must <= set(layer.ranks[r, hh][v].tolist()), "protected tokens kept"
+                assert int(v.sum()) <= int(caps[r]), "row within its own budget"
+                for slot in torch.nonzero(v).flatten().tolist():
+                    k, val = written[(layer.layer_idx, int(layer.positions[r, hh, slot]))]
+                    assert torch.equal(layer.keys[r, hh, slot], k[r, hh]), "kept K bit-identical"
+                    assert torch.equal(layer.values[r, hh, slot], val[r, hh]), "kept V bit-identical"
+
+
+def _kept_ranks(cache, r):
+    return [[sorted(layer.ranks[r, h][layer.valid[r, h]].tolist()) for h in range(layer.keys.shape[1])] for layer in cache.layers]
+
+
+@given(scenarios())
+def test_cache_invariants(scenario):
+    name, params, budget, lengths, steps, backend = scenario
+    ids, mask = padded_batch(lengths)
+    _run(name, params, budget, ids, mask, steps, backend, check=_check_layer_invariants)
+
+
+@given(scenarios())
+def test_rows_independent_and_deterministic(scenario):
+    name, params, budget, lengths, steps, backend = scenario
+    ids, mask = padded_batch(lengths)
+    tokens, cache = _run(name, params, budget, ids, mask, steps, backend)
+    again, cache2 = _run(name, params, budget, ids, mask, steps, backend)
+    assert torch.equal(tokens, again)
+    for la, lb in zip(cache.layers, cache2.layers):
+        assert torch.equal(la.positions, lb.positions) and torch.equal(la.keys, lb.keys)
+    for r, n in enumerate(lengths):
+        alone_ids = ids[r : r + 1, ids.shape[1] - n :]
+        alone, alone_cache = _run(name, params, budget, alone_ids, torch.ones_like(alone_ids), steps, backend)
+        assert torch.equal(tokens[r : r + 1], alone), f"row {r} differs from the row run alone"
+        assert _kept_ranks(cache, r) == _kept_ranks(alone_cache, 0)
