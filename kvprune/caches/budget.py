@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +40,10 @@ class Budget:
             return value
         if isinstance(value, bool):
             raise InvalidBudgetError(f"a budget is an int >= 1 or a float ratio in (0, 1); got {value!r}")
-        if isinstance(value, int):
-            return cls(tokens=value)
-        if isinstance(value, float):
-            return cls(ratio=value)
+        if isinstance(value, numbers.Integral):  # int, numpy and torch integers
+            return cls(tokens=int(value))
+        if isinstance(value, numbers.Real):
+            return cls(ratio=float(value))
         raise InvalidBudgetError(
             f"a budget is an int >= 1 or a float ratio in (0, 1); got {type(value).__name__} {value!r}"
         )

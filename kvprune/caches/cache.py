@@ -59,7 +59,7 @@ class PruningCache(Cache):
             self.budget.check_room(self.policy.min_budget(), self.policy.name)
         self.config = config
         if config is not None:
-            num_layers = config.get_text_config(decoder=True).num_hidden_layers
+            num_layers = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None)
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise InvalidParameterError(
                 f"pass config=model.config or num_layers=<int >= 1> to size the cache; got num_layers={num_layers!r}"

@@ -51,6 +51,7 @@ def make_cache(
     **policy_params: Any,
 ) -> PruningCache:
     """Prepare ``model`` and return a fresh :class:`PruningCache` for one ``generate`` conversation."""
+    check_architecture(model.config)
     cache = PruningCache(policy, budget, config=model.config, **policy_params)
     prepare_model(model, backend)
     return cache

@@ -1,0 +1,74 @@
+"""Scores estimated without attention weights (SDPA, FlashAttention-2) equal those from eager weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import padded_batch, tiny_model
+
+import kvprune
+from kvprune.integrations import attention
+
+pytestmark = pytest.mark.integration
+
+CASES = [("a2sf", {"alpha": 0.5}), ("a2sf", {"alpha": 1.0}), ("h2o", {}), ("tova", {}), ("snapkv", {"window": 5})]
+
+
+def _prefill_scores(attn, policy, params, budget=1000, block_elements=None, monkeypatch=None):
+    model = tiny_model("qwen3", attn)
+    if block_elements is not None:
+        monkeypatch.setattr(attention, "BLOCK_ELEMENTS", block_elements)
+    cache = kvprune.make_cache(model, policy, budget, **params)
+    ids, mask = padded_batch([40, 23, 31])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        # a second chunk on top of the cache (multi-turn prefill) exercises decay of old scores
+        ids2, mask2 = padded_batch([6, 6, 6], seed=2)
+        model(input_ids=ids2, attention_mask=torch.cat([mask, mask2], 1), past_key_values=cache)
+    return [layer.scores.masked_fill(~layer.valid, 0) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("policy,params", CASES)
+def test_sdpa_scores_equal_eager_weights(policy, params):
+    eager = _prefill_scores("eager", policy, params)
+    sdpa = _prefill_scores("sdpa", policy, params)
+    assert any(bool((s > 0).any()) for s in eager)
+    for a, b in zip(eager, sdpa):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy,params", CASES[:2])
+def test_blocked_column_sums_equal_one_block(policy, params, monkeypatch):
+    """Query blocks of bounded memory (here 1-3 rows each) give the same column sums as one block."""
+    whole = _prefill_scores("sdpa", policy, params)
+    blocked = _prefill_scores("sdpa", policy, params, block_elements=3 * 4 * 50, monkeypatch=monkeypatch)
+    for a, b in zip(whole, blocked):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_a2sf_window_truncation_bound():
+    """Prefill A2SF scores from the last w queries only differ from the full recursion by <= α^w/(1-α)."""
+    alpha, w = 0.2, 8
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(1, 1, 1, 64, 64), -1) * torch.ones(64, 64).tril()
+    weights = kvprune.A2SF(alpha=alpha).query_weights(64)[None]
+    full = attention.reduce_probs(probs, weights)
+    truncated = attention.reduce_probs(probs[..., -w:, :], weights[:, -w:])
+    assert float((full - truncated).abs().max()) <= alpha**w / (1 - alpha)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention-2 needs a CUDA GPU")
+def test_flash_attention_scores_and_tokens():
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed (pip install kvprune[flash])")
+    model = tiny_model("llama", "sdpa").to("cuda", torch.float16)
+    ids, _ = padded_batch([64])
+    ids = ids.cuda()
+    results = {}
+    for backend in ("sdpa", "flash_attention_2"):
+        cache = kvprune.make_cache(model, "a2sf", 32, backend=backend, alpha=0.5)
+        out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, past_key_values=cache, pad_token_id=0)
+        results[backend] = (out, [layer.scores.float().cpu() for layer in cache.layers])
+    assert torch.equal(results["sdpa"][0], results["flash_attention_2"][0])
+    for a, b in zip(results["sdpa"][1], results["flash_attention_2"][1]):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-2)
