@@ -1,0 +1,179 @@
+"""The ``kvprune`` command: ``compare`` policies, run ``longqa`` with one policy, ``generate`` from a prompt."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..policies import POLICIES
+
+
+def _budget(text: str) -> int | float | None:
+    if text.lower() in ("none", "full"):
+        return None
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def _csv(kind):
+    return lambda text: [kind(t) for t in text.split(",") if t.strip()]
+
+
+def _params(text: str | None) -> dict[str, Any]:
+    """``alpha=0.1,n_sink=4`` -> keyword arguments (numbers parsed)."""
+    out: dict[str, Any] = {}
+    for item in (text or "").split(","):
+        if item.strip():
+            key, _, value = item.partition("=")
+            out[key.strip()] = json.loads(value) if value.strip()[:1].isdigit() or value.strip()[:1] == "-" else value
+    return out
+
+
+def load_model(spec: str, attn: str = "sdpa"):
+    """``demo`` (the embedded QA model), ``stories260k`` (the shared fixture) or a local/hub path."""
+    import torch
+
+    if spec == "demo":
+        from ..demo import load_demo_model
+
+        return load_demo_model(attn_implementation=attn)
+    if spec == "stories260k":
+        from ..integrations.llama2c import default_stories260k_path, load_llama2c
+
+        return load_llama2c(default_stories260k_path(), attn_implementation=attn), None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(spec, attn_implementation=attn, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(spec)
+
+
+def _examples(args) -> list[dict[str, Any]] | str:
+    if args.file:
+        from .loaders import load_ruler_jsonl
+
+        return load_ruler_jsonl(args.file)
+    return args.task
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare, plot_quality_vs_budget
+
+    model, tokenizer = load_model(args.model, args.attn)
+    task = "fidelity" if tokenizer is None and not args.file else _examples(args)
+    df = compare(
+        model, tokenizer, task=task, policies=args.policies, budgets=args.budgets,
+        n_examples=args.n_examples, lengths=args.lengths, seed=args.seed, batch_size=args.batch_size,
+        n_sequences=args.sequences, sequence_length=args.sequence_length, progress=not args.quiet,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "compare.csv", index=False)
+    df.to_json(out / "compare.json", orient="records", indent=1)
+    metric = "exact_match" if "exact_match" in set(df["metric"]) else "nll_increase"
+    rows = df[df["metric"] == metric]
+    table = rows[rows["policy"] != "full"].pivot_table(index="policy", columns="budget", values="value")
+    print(f"\n{metric} by policy and KV budget ({args.model}):")
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    full = rows[rows["policy"] == "full"]
+    if len(full):
+        print(f"full cache: {float(full['value'].mean()):.3f}")
+    fig = plot_quality_vs_budget(df, metric=metric)
+    fig.savefig(out / "compare.png", dpi=120)
+    print(f"\nwrote {out / 'compare.csv'}, {out / 'compare.json'}, {out / 'compare.png'}")
+    return 0
+
+
+def cmd_longqa(args) -> int:
+    from .qa import run_qa
+
+    model, tokenizer = load_model(args.model, args.attn)
+    if tokenizer is None:
+        raise SystemExit("longqa needs a model with a tokenizer (use --model demo or a model path)")
+    examples = _examples(args)
+    if isinstance(examples, str):
+        from .tasks import build_suite
+
+        examples = build_suite(seed=args.seed, n_per_task=args.n_examples, lengths=args.lengths, tokenizer=tokenizer)
+    answers = run_qa(model, tokenizer, examples, args.policy, args.budget, batch_size=args.batch_size, **_params(args.params))
+    for a in answers:
+        mark = "ok " if a.correct else "BAD"
+        print(f"{mark} {a.id:>16} {a.task:<18} tokens={a.prompt_tokens:<5} pred={a.prediction!r} gold={a.answer!r}")
+    em = sum(a.correct for a in answers) / max(1, len(answers))
+    print(f"exact match {em:.3f} over {len(answers)} examples ({args.policy}, budget {args.budget})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from ..integrations import make_cache
+
+    model, tokenizer = load_model(args.model, args.attn)
+    if tokenizer is None:
+        raise SystemExit("generate needs a model with a tokenizer")
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    cache = make_cache(model, args.policy, args.budget, **_params(args.params))
+    with torch.no_grad():
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    stats = cache.stats()
+    print(f"[{args.policy}, budget {args.budget}: {stats.tokens_seen} tokens seen, KV {stats.kv_bytes} bytes]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, model_default="demo"):
+        p.add_argument("--model", default=model_default, help="demo | stories260k | a local or hub model path")
+        p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
+        p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("compare", help="every policy at every budget; table, CSV/JSON and a PNG plot")
+    common(p)
+    p.add_argument("--task", default="longqa", help="longqa (generated suite) or fidelity")
+    p.add_argument("--file", help="a RULER-style JSONL file of QA examples instead of the suite")
+    p.add_argument("--policies", type=_csv(str), default=["a2sf", "h2o", "tova", "snapkv", "streaming", "knorm", "random"])
+    p.add_argument("--budgets", type=_csv(_budget), default=[0.1, 0.25, 0.5])
+    p.add_argument("--n-examples", type=int, default=6, help="examples per task kind and length")
+    p.add_argument("--lengths", type=_csv(int), default=[512, 1024])
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--sequences", type=int, default=8, help="fidelity: sequences sampled from the model")
+    p.add_argument("--sequence-length", type=int, default=256, help="fidelity: tokens per sequence")
+    p.add_argument("--out", default="kvprune-compare")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("longqa", help="one policy and budget over a QA file or the suite, per-example output")
+    common(p)
+    p.add_argument("--task", default="longqa", help=argparse.SUPPRESS)
+    p.add_argument("--file", help="RULER-style JSONL of QA examples")
+    p.add_argument("--policy", default="a2sf", choices=sorted(POLICIES))
+    p.add_argument("--budget", type=_budget, default=0.25)
+    p.add_argument("--params", help="policy parameters, e.g. alpha=0.1,n_sink=4")
+    p.add_argument("--n-examples", type=int, default=4)
+    p.add_argument("--lengths", type=_csv(int), default=[512])
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(func=cmd_longqa)
+
+    p = sub.add_parser("generate", help="one prompt with any local or hub model path")
+    common(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--policy", default="a2sf", choices=sorted(POLICIES))
+    p.add_argument("--budget", type=_budget, default=256)
+    p.add_argument("--params", help="policy parameters, e.g. alpha=0.1")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

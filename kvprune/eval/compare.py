@@ -1,0 +1,174 @@
+"""Policies side by side: quality against KV budget as a tidy DataFrame, and its plot."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+
+from ..policies import POLICIES
+
+DEFAULT_POLICIES: tuple[str, ...] = ("a2sf", "h2o", "tova", "snapkv", "streaming", "knorm", "random")
+DEFAULT_BUDGETS: tuple[float, ...] = (0.1, 0.25, 0.5)
+COLUMNS = ["task", "policy", "budget", "metric", "value", "kv_bytes", "prefill_s", "decode_s", "n"]
+#: small protected windows so that low budgets on short documents stay valid
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {"snapkv": {"window": 16}, "streaming": {"n_sink": 4}}
+
+
+def _policy_params(name: str, params: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    merged = {**DEFAULT_PARAMS, **(params or {})}
+    return dict(merged.get(name, {}))
+
+
+def _qa_rows(model, tokenizer, examples, policy, budget, params, max_new_tokens, batch_size, tick) -> list[dict]:
+    from .qa import run_qa
+
+    answers = run_qa(
+        model, tokenizer, examples, policy, budget,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=tick, **params,
+    )
+    rows = []
+    by_task: dict[str, list] = {}
+    for a in answers:
+        by_task.setdefault(a.task, []).append(a)
+    for task, group in [("all", answers), *sorted(by_task.items())] if len(by_task) > 1 else [("all", answers)]:
+        rows.append(
+            dict(
+                task=task if task != "all" else "longqa",
+                metric="exact_match",
+                value=sum(a.correct for a in group) / len(group),
+                kv_bytes=sum(a.kv_bytes for a in group) / len(group),
+                prefill_s=sum(a.prefill_s for a in group) / len(group),
+                decode_s=sum(a.decode_s for a in group) / len(group),
+                n=len(group),
+            )
+        )
+    return rows
+
+
+def _fidelity_rows(model, sequences, reference, prompt_len, policy, budget, params) -> list[dict]:
+    from .fidelity import fidelity
+
+    res = fidelity(model, sequences, policy, budget, prompt_len=prompt_len, reference=reference, **params)
+    d = res.as_dict() if hasattr(res, "as_dict") else vars(res)
+    return [
+        dict(task="fidelity", metric=m, value=float(d[m]), kv_bytes=d.get("kv_bytes", math.nan),
+             prefill_s=d.get("prefill_s", math.nan), decode_s=d.get("decode_s", math.nan), n=int(sequences.shape[0]))
+        for m in ("nll_increase", "greedy_agreement", "kl")
+    ]
+
+
+def compare(
+    model: torch.nn.Module,
+    tokenizer: Any = None,
+    task: str | Sequence[dict[str, Any]] = "longqa",
+    policies: Sequence[str] = DEFAULT_POLICIES,
+    budgets: Sequence[int | float] = DEFAULT_BUDGETS,
+    *,
+    include_full: bool = True,
+    policy_params: dict[str, dict[str, Any]] | None = None,
+    n_examples: int = 8,
+    lengths: Sequence[int] = (512, 1024),
+    seed: int = 0,
+    max_new_tokens: int = 8,
+    batch_size: int = 4,
+    n_sequences: int = 8,
+    sequence_length: int = 256,
+    progress: bool | Callable[[int], None] = False,
+) -> pd.DataFrame:
+    """Run every policy at every budget on ``task``; one row per (task, policy, budget, metric).
+
+    ``task`` is ``"longqa"`` (the generated long-document QA suite, needs ``tokenizer``), a list of
+    QA examples (``context``/``question``/``answer`` dicts), or ``"fidelity"`` (NLL increase,
+    greedy agreement and KL against the full cache on sequences sampled from ``model``).
+    Budgets are token counts (int) or ratios of the tokens seen (float). The full cache appears
+    once with budget NaN. Columns: ``task, policy, budget, metric, value, kv_bytes, prefill_s,
+    decode_s, n``.
+    """
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        from ..errors import UnknownPolicyError
+
+        raise UnknownPolicyError(f"unknown policies {unknown}; valid names: {', '.join(sorted(POLICIES))}")
+    runs: list[tuple[str, int | float | None]] = [("full", None)] if include_full else []
+    runs += [(p, b) for p in policies if p != "full" for b in budgets]
+
+    if task == "fidelity":
+        from .fidelity import full_reference, sample_sequences
+
+        sequences = sample_sequences(model, n_sequences, sequence_length, seed=seed)
+        prompt_len = sequence_length // 2
+        reference = full_reference(model, sequences, prompt_len=prompt_len)
+        work = lambda p, b, tick: _fidelity_rows(  # noqa: E731
+            model, sequences, reference, prompt_len, p, _absolute(b, sequence_length), _policy_params(p, policy_params)
+        )
+        units = 1
+    else:
+        if isinstance(task, str):
+            if task != "longqa":
+                from ..errors import InvalidParameterError
+
+                raise InvalidParameterError(f"task must be 'longqa', 'fidelity' or a list of examples; got {task!r}")
+            from .tasks import build_suite
+
+            examples = build_suite(seed=seed, n_per_task=n_examples, lengths=list(lengths), tokenizer=tokenizer)
+        else:
+            examples = list(task)
+        work = lambda p, b, tick: _qa_rows(  # noqa: E731
+            model, tokenizer, examples, p, b, _policy_params(p, policy_params), max_new_tokens, batch_size, tick
+        )
+        units = len(examples)
+
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(runs) * units, desc="kvprune compare", unit="ex")
+    tick = bar.update if bar is not None else (progress if callable(progress) else None)
+    rows = []
+    for policy, budget in runs:
+        for row in work(policy, budget, tick or (lambda n: None)):
+            rows.append({"policy": policy, "budget": math.nan if budget is None else budget, **row})
+        if bar is not None and task == "fidelity":
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _absolute(budget: int | float | None, length: int) -> int | float | None:
+    """Fidelity sequences have a fixed length, so a ratio is turned into a fixed token count."""
+    if budget is None or isinstance(budget, int):
+        return budget
+    return max(1, round(budget * length))
+
+
+def plot_quality_vs_budget(df: pd.DataFrame, metric: str | None = None, task: str | None = None, ax: Any = None):
+    """Line per policy of ``metric`` against budget; the full cache as a dashed line. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    task = task or str(df["task"].iloc[0])
+    sub = df[df["task"] == task]
+    metric = metric or str(sub["metric"].iloc[0])
+    sub = sub[sub["metric"] == metric]
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    else:
+        fig = ax.figure
+    for policy, group in sub[sub["policy"] != "full"].groupby("policy"):
+        group = group.sort_values("budget")
+        ax.plot(group["budget"], group["value"], marker="o", label=policy)
+    full = sub[sub["policy"] == "full"]
+    if len(full):
+        ax.axhline(float(full["value"].mean()), color="black", linestyle="--", linewidth=1, label="full cache")
+    budgets = sub["budget"].dropna()
+    ax.set_xlabel("KV budget (fraction of tokens seen)" if (budgets < 1).all() else "KV budget (tokens)")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(f"{task}: {metric.replace('_', ' ')} vs KV budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
