@@ -369,3 +369,11 @@ def test_every_error_is_exported_and_covered():
     for cls in defined:
         assert getattr(kvprune, cls.__name__) is cls
         assert cls.__name__ in kvprune.__all__
+
+
+def test_real_torch_compile_refused(llama):
+    """Not only the guard: a model compiled with torch.compile reaches it and raises the typed error."""
+    cache = kvprune.make_cache(llama, "a2sf", 16)
+    llama.forward = torch.compile(llama.forward)
+    with raises(UnsupportedGenerationModeError, "cannot run under torch.compile"):
+        llama(input_ids=torch.randint(3, 100, (1, 10)), past_key_values=cache)
