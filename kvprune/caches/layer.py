@@ -108,6 +108,7 @@ class PruningLayer(CacheLayerMixin):
         self.pending = 0
         self.evictions = 0
         self.heads_aligned = True
+        self.all_valid = True  # no slot is padding (lets decode steps skip the mask)
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -122,6 +123,8 @@ class PruningLayer(CacheLayerMixin):
         index = index.to(self.device)
         for name in ("keys", "values", "positions", "ranks", "valid", "scores", "n_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index))
+        self.all_valid = bool(self.valid.all())
+        self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)
@@ -145,12 +148,19 @@ class PruningLayer(CacheLayerMixin):
         ranks = torch.where(new_valid, ranks, -1).to(INDEX_DTYPE)
         self.n_valid = self.n_valid + new_valid.sum(-1)
         self.valid[..., -q:] = new_valid[:, None, :]
+        self.all_valid = self.all_valid and bool(new_valid.all())
         self.ranks[..., -q:] = ranks[:, None, :]
         init = self.policy.initial_scores(self.keys[..., -q:, :], self.ranks[..., -q:].long(), self.layer_idx)
         self.scores[..., -q:] = init.to(torch.float32).expand(b, h, q)
 
-    def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor:
-        """Which slots each new query may attend: ``[B, H or 1, q, S]`` bool, from positions and validity."""
+    def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor | None:
+        """Which slots each new query may attend: ``[B, H or 1, q, S]`` bool, from positions and validity.
+
+        None when every slot is visible: a decode step (every kept token precedes the query) with no
+        padding slot and no sliding window that cuts into the cache.
+        """
+        if n_queries == 1 and self.all_valid and (sliding_window is None or sliding_window >= self.n_seen):
+            return None
         src = slice(0, 1) if self.heads_aligned else slice(None)
         kpos = self.positions[:, src, None, :]
         qpos = torch.arange(self.n_seen - n_queries, self.n_seen, device=self.device, dtype=INDEX_DTYPE)
@@ -199,7 +209,9 @@ class PruningLayer(CacheLayerMixin):
             setattr(self, name, getattr(self, name).gather(2, keep))
         # a row whose own budget is below the widest row's keeps its surplus slots as padding
         self.valid &= perm < caps[:, None, None]
-        self.evictions += before - int(self.valid.sum())
+        after = int(self.valid.sum())
+        self.evictions += before - after
+        self.all_valid = after == self.valid.numel()
         self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
 
     # -- introspection -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from ..caches import Budget, PruningCache
 from ..errors import InvalidParameterError
 from ..integrations import make_cache
+from ..policies import Policy
 
 __all__ = [
     "FidelityResult",
@@ -97,6 +98,7 @@ def teacher_forced_log_probs(
     Prefills ``sequences[:, :prompt_len]`` then feeds one true token per forward (real decode steps,
     so the cache evicts at each). Row ``j`` predicts ``sequences[:, prompt_len + j]``; row 0 comes
     from the prefill, which attends to the whole prompt, so it matches the full cache exactly.
+    Holds ``n * (length - prompt_len) * vocab`` float32 values: mind the size for large vocabularies.
     """
     _check_inputs(sequences, prompt_len)
     device = next(model.parameters()).device
@@ -190,7 +192,7 @@ class FidelityResult:
 def fidelity(
     model: torch.nn.Module,
     sequences: torch.Tensor,
-    policy: str,
+    policy: str | Policy,
     budget: int | float | Budget | None,
     *,
     prompt_len: int,
@@ -211,9 +213,8 @@ def fidelity(
     lp = teacher_forced_log_probs(model, sequences, cache, prompt_len=prompt_len)
     targets = sequences[:, prompt_len:].to(lp.device)
     metrics = fidelity_metrics(lp, reference.log_probs.to(lp.device), targets)
-    name = policy if isinstance(policy, str) else cache.policy.name
     return FidelityResult(
-        policy=name,
+        policy=cache.policy.name,
         budget=budget if not isinstance(budget, Budget) else (budget.tokens if budget.tokens is not None else budget.ratio),
         kv_bytes=cache.stats().kv_bytes,
         kv_bytes_full=reference.kv_bytes,

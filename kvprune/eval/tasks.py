@@ -34,6 +34,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InvalidParameterError
+
 __all__ = [
     "TASKS",
     "ALL_WORDS",
@@ -184,7 +186,7 @@ def generate_doc(task: str, rng: random.Random, context_words: int, *, n_questio
     model's training script (which asks several questions per document for a denser signal).
     """
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        raise InvalidParameterError(f"unknown task {task!r}; expected one of {TASKS}")
     b = _Builder()
     qas: list[tuple[list[str], list[str]]] = []
     if task == "needle":
@@ -216,7 +218,7 @@ def generate_doc(task: str, rng: random.Random, context_words: int, *, n_questio
         header_words = 3 * n_docs
         budget = context_words - fact_words - header_words
         if budget < 4 * n_docs:
-            raise ValueError(f"context of {context_words} words is too short for multidoc")
+            raise InvalidParameterError(f"context of {context_words} words is too short for multidoc")
         sizes = [budget // n_docs] * n_docs
         for i in range(budget - sum(sizes)):
             sizes[i % n_docs] += 1
@@ -274,9 +276,9 @@ def format_prompt(example: dict[str, Any]) -> str:
 def generate_example(task: str, length: int, seed: int, *, max_hops: int = 2, index: int = 0) -> dict[str, Any]:
     """One example of ``task`` whose prompt is ``length`` tokens (BOS included), deterministic per ``(seed, index)``."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        raise InvalidParameterError(f"unknown task {task!r}; expected one of {TASKS}")
     if isinstance(length, bool) or not isinstance(length, int) or length < _MIN_LENGTH:
-        raise ValueError(f"length must be an integer >= {_MIN_LENGTH}; got {length!r}")
+        raise InvalidParameterError(f"length must be an integer >= {_MIN_LENGTH}; got {length!r}")
     rng = random.Random(f"kvprune-tasks/{task}/{length}/{seed}/{index}")
     # question length depends on the task only; draw the doc first with a provisional size
     q_len = {"needle": 7, "multikey": 7, "multidoc": 11, "vartrack": 7}[task]
@@ -297,7 +299,7 @@ def build_suite(seed: int = 0, n_per_task: int = 10, lengths: Sequence[int] = (5
                 tasks: Sequence[str] = TASKS, *, max_hops: int = 2) -> list[dict[str, Any]]:
     """``n_per_task`` examples of every task at every length, deterministic per seed."""
     if isinstance(n_per_task, bool) or not isinstance(n_per_task, int) or n_per_task < 1:
-        raise ValueError(f"n_per_task must be an integer >= 1; got {n_per_task!r}")
+        raise InvalidParameterError(f"n_per_task must be an integer >= 1; got {n_per_task!r}")
     return [
         generate_example(t, int(L), seed, max_hops=max_hops, index=i)
         for L in lengths

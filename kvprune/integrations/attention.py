@@ -23,14 +23,15 @@ BACKENDS = ("eager", "sdpa", "flash_attention_2")
 BLOCK_ELEMENTS = 1 << 23
 
 
-def grouped_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+def grouped_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """Softmax rows ``[B, Hkv, G, q, S]`` (at least float32) without expanding keys to query heads."""
     b, hq, q, d = query.shape
     hkv = key.shape[1]
     qg = query.view(b, hkv, hq // hkv, q, d)
     logits = torch.matmul(qg, key.unsqueeze(2).transpose(-1, -2)) * scaling
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
+    if allowed is not None:  # None: every slot is visible (a decode step over valid slots)
+        logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 
@@ -55,8 +56,10 @@ def _expand_heads(allowed: torch.Tensor, n_heads: int) -> torch.Tensor:
     return allowed[:, :, None].expand(b, h, n_heads // h, q, s).reshape(b, n_heads, q, s)
 
 
-def sdpa_output(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
-    mask = _expand_heads(allowed, query.shape[1])
+def sdpa_output(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    mask = None if allowed is None else _expand_heads(allowed, query.shape[1])
     gqa = query.shape[1] != key.shape[1]
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
 
@@ -79,7 +82,7 @@ def estimate_observation(
     policy: Policy,
     query: torch.Tensor,
     key: torch.Tensor,
-    allowed: torch.Tensor,
+    allowed: torch.Tensor | None,
     query_valid: torch.Tensor,
     scaling: float,
     probs: torch.Tensor | None = None,
@@ -113,7 +116,8 @@ def estimate_observation(
             w = weights[:, start - first : stop - first]
             if not bool((w != 0).any()):  # e.g. A2SF weights that underflowed, or padding queries
                 continue
-            p = grouped_probs(query[:, :, start:stop], key, allowed[:, :, start:stop], scaling)
+            rows = None if allowed is None else allowed[:, :, start:stop]
+            p = grouped_probs(query[:, :, start:stop], key, rows, scaling)
             obs += reduce_probs(p, w)
     if policy.shared_across_heads:
         obs = obs.mean(dim=1, keepdim=True).expand_as(obs)
@@ -186,7 +190,7 @@ def kvprune_attention(
             obs = estimate_observation(policy, query, key, allowed, qv, scaling, probs=probs)
     else:
         if backend == "flash_attention_2":
-            plain = new_valid is None and (layer is None or (layer.heads_aligned and bool(layer.valid.all())))
+            plain = new_valid is None and (layer is None or (layer.heads_aligned and layer.all_valid))
             out = flash_output(query, key, value, allowed, scaling, plain)
         else:
             out = sdpa_output(query, key, value, allowed, scaling)
