@@ -18,6 +18,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+# tiny models gain nothing from intra-op threads, and two threads on a shared 2-core box thrash
+torch.set_num_threads(1)
+
 settings.register_profile(
     "kvprune", derandomize=True, deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow]
 )

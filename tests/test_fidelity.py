@@ -160,6 +160,16 @@ def test_full_policy_is_exact(get: Getter) -> None:
 
 
 @needs_fixture
+def test_ratio_budget(model: torch.nn.Module, sequences: torch.Tensor, reference: FullReference) -> None:
+    """A float budget is a ratio of the tokens seen: after LENGTH - 1 tokens, ceil(0.5 * 127) = 64 slots."""
+    r = fidelity(model, sequences, "h2o", 0.5, prompt_len=PROMPT_LEN, reference=reference)
+    assert r.budget == 0.5 and r.policy == "h2o"
+    assert r.kv_bytes * (LENGTH - 1) == r.kv_bytes_full * math.ceil(0.5 * (LENGTH - 1))
+    assert r.nll_increase > 0 and 0 < r.greedy_agreement < 1
+    assert r.prefill_s > 0 and r.decode_s > 0
+
+
+@needs_fixture
 def test_reference_must_match(model: torch.nn.Module, sequences: torch.Tensor, reference: FullReference) -> None:
     with pytest.raises(InvalidParameterError, match="reference"):
         fidelity(model, sequences[:, :-1], "h2o", 16, prompt_len=PROMPT_LEN, reference=reference)

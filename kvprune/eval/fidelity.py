@@ -8,6 +8,7 @@ The next-token distributions are compared with the same procedure under ``policy
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -90,6 +91,35 @@ def _check_inputs(sequences: torch.Tensor, prompt_len: int) -> None:
         )
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _teacher_force(
+    model: torch.nn.Module, sequences: torch.Tensor, cache: PruningCache, prompt_len: int
+) -> tuple[torch.Tensor, float, float]:
+    """:func:`teacher_forced_log_probs` plus the prefill and total decode wall times in seconds."""
+    _check_inputs(sequences, prompt_len)
+    device = next(model.parameters()).device
+    seq = sequences.to(device)
+    length = seq.shape[1]
+    out: list[torch.Tensor] = []
+    with torch.inference_mode():
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = model(input_ids=seq[:, :prompt_len], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        out.append(torch.log_softmax(logits[:, -1].float(), dim=-1))
+        _sync(device)
+        t1 = time.perf_counter()
+        for t in range(prompt_len, length - 1):
+            logits = model(input_ids=seq[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+            out.append(torch.log_softmax(logits[:, -1].float(), dim=-1))
+        _sync(device)
+        t2 = time.perf_counter()
+    return torch.stack(out, dim=1), t1 - t0, t2 - t1
+
+
 def teacher_forced_log_probs(
     model: torch.nn.Module, sequences: torch.Tensor, cache: PruningCache, *, prompt_len: int
 ) -> torch.Tensor:
@@ -100,18 +130,7 @@ def teacher_forced_log_probs(
     from the prefill, which attends to the whole prompt, so it matches the full cache exactly.
     Holds ``n * (length - prompt_len) * vocab`` float32 values: mind the size for large vocabularies.
     """
-    _check_inputs(sequences, prompt_len)
-    device = next(model.parameters()).device
-    seq = sequences.to(device)
-    length = seq.shape[1]
-    out: list[torch.Tensor] = []
-    with torch.inference_mode():
-        logits = model(input_ids=seq[:, :prompt_len], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        out.append(torch.log_softmax(logits[:, -1].float(), dim=-1))
-        for t in range(prompt_len, length - 1):
-            logits = model(input_ids=seq[:, t : t + 1], past_key_values=cache, use_cache=True).logits
-            out.append(torch.log_softmax(logits[:, -1].float(), dim=-1))
-    return torch.stack(out, dim=1)
+    return _teacher_force(model, sequences, cache, prompt_len)[0]
 
 
 def fidelity_metrics(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -182,6 +201,8 @@ class FidelityResult:
     kv_bytes_full: int
     n_sequences: int
     n_tokens: int
+    prefill_s: float  # wall seconds per sequence (the batched prefill divided by n_sequences)
+    decode_s: float  # wall seconds per sequence of all its teacher-forced decode steps (batched, divided)
     policy_params: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -210,16 +231,19 @@ def fidelity(
     elif not reference.matches(sequences, prompt_len):
         raise InvalidParameterError("reference was computed for other sequences or another prompt_len")
     cache = make_cache(model, policy, budget, **policy_params)
-    lp = teacher_forced_log_probs(model, sequences, cache, prompt_len=prompt_len)
+    lp, prefill_s, decode_s = _teacher_force(model, sequences, cache, prompt_len)
     targets = sequences[:, prompt_len:].to(lp.device)
+    n = int(sequences.shape[0])
     metrics = fidelity_metrics(lp, reference.log_probs.to(lp.device), targets)
     return FidelityResult(
         policy=cache.policy.name,
         budget=budget if not isinstance(budget, Budget) else (budget.tokens if budget.tokens is not None else budget.ratio),
         kv_bytes=cache.stats().kv_bytes,
         kv_bytes_full=reference.kv_bytes,
-        n_sequences=int(sequences.shape[0]),
+        n_sequences=n,
         n_tokens=int(targets.numel()),
+        prefill_s=prefill_s / n,
+        decode_s=decode_s / n,
         policy_params=dict(policy_params),
         **metrics,
     )
