@@ -90,3 +90,18 @@ def test_sampling_and_beam_search_match_dynamic_cache(policy):
             )
             results.append(out)
         assert torch.equal(results[0], results[1]), kw
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_prepared_model_without_kvprune_cache_is_unchanged(attn):
+    """A prepared model run with DynamicCache or no cache gives the same logits as before preparing it."""
+    model = tiny_model("mistral", attn)
+    ids, mask = padded_batch([15, 8, 11])
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        kvprune.prepare_model(model)
+        after = model(input_ids=ids, attention_mask=mask).logits
+        no_cache = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    valid = mask.bool()
+    torch.testing.assert_close(after[valid], before[valid], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(no_cache[valid], before[valid], atol=2e-5, rtol=1e-4)
