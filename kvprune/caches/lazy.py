@@ -1,0 +1,196 @@
+"""LazyLLM's cache: per-layer KV of the tokens computed there, plus the Aux Cache of hidden states.
+
+Each token has a depth: the number of layers it has been computed through. Its KV exists in
+layers ``< depth`` and ``hidden[row, position]`` holds its hidden state at the input of layer
+``depth`` (the Aux Cache: where a pruned token resumes when it is selected again). Tokens are
+stored in the order they were computed, so a layer's slots are not sorted by position; masks
+are built from positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..errors import BatchMismatchError, UnsupportedGenerationModeError
+from ..policies.lazyllm import LazyLLM
+
+
+class LazyLayer(CacheLayerMixin):
+    """KV of the tokens computed at one layer; the lazy forward says which queries come and which keys count."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+    heads_aligned = True  # one token set per row, shared by the heads
+    all_valid = False  # always build the mask (selection changes per step)
+
+    def __init__(self, layer_idx: int, policy: LazyLLM) -> None:
+        super().__init__()
+        self.layer_idx, self.policy = layer_idx, policy
+        self.reset()
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.positions: torch.Tensor | None = None  # [B, N] logical position of each slot (-1: padding)
+        self.valid: torch.Tensor | None = None  # [B, N]
+        self.pending = 0
+        self.importance: torch.Tensor | None = None
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty((b, h, 0, d))
+        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.positions = torch.empty((b, 0), dtype=torch.long, device=self.device)
+        self.valid = torch.empty((b, 0), dtype=torch.bool, device=self.device)
+        self.is_initialized = True
+
+    def begin(self, query_pos: torch.Tensor, query_valid: torch.Tensor, selected: torch.Tensor) -> None:
+        """Called by the lazy forward before the layer runs: query positions ``[B, Q]`` and the selection ``[B, T]``."""
+        self._qpos, self._qvalid, self._selected = query_pos, query_valid, selected
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, self._qpos], dim=-1)
+        self.valid = torch.cat([self.valid, self._qvalid], dim=-1)
+        self.pending = key_states.shape[-2]
+        self.keys._kvprune_layer = self
+        return self.keys, self.values
+
+    # -- the attention function's protocol ---------------------------------------------------------
+    def observe_padding(self, new_valid: torch.Tensor | None) -> None:
+        """Validity comes from the lazy forward, not from the padding mask."""
+
+    def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor:
+        """Selected, valid keys at or before each query's position: ``[B, 1, Q, N]``."""
+        kpos = self.positions[:, None, None, :]
+        qpos = self._qpos[:, None, :, None]
+        chosen = self.valid & self._selected.gather(1, self.positions.clamp(min=0))
+        allowed = chosen[:, None, None, :] & (kpos <= qpos)
+        if sliding_window is not None:
+            allowed &= kpos > qpos - sliding_window
+        return allowed | (kpos == qpos)  # padding queries (position -1) see only padding: finite rows
+
+    def finish(self, obs: torch.Tensor | None) -> None:
+        """Store the newest token's head-averaged attention per position (``[B, T]``) for the pruning rule."""
+        self.pending = 0
+        if obs is None:
+            return
+        n_tokens = self._selected.shape[1]
+        imp = torch.zeros((obs.shape[0], n_tokens + 1), dtype=torch.float32, device=obs.device)
+        slot_pos = torch.where(self.valid, self.positions, n_tokens)  # padding slots go to a dump column
+        imp.scatter_(1, slot_pos, obs[:, 0].float())
+        self.importance = imp[:, :n_tokens]
+
+    # -- transformers' layer contract ---------------------------------------------------------------
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
+        return q, 0
+
+    def get_seq_length(self) -> int:
+        return 0 if not self.is_initialized else int(self.positions.max().item() + 1) if self.positions.numel() else 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    get_max_cache_shape = get_max_length  # transformers < 5.3
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise UnsupportedGenerationModeError(
+            "a LazyLLM cache cannot be rolled back, so assisted/speculative decoding is not supported"
+        )
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.is_initialized:
+            for name in ("keys", "values", "positions", "valid"):
+                setattr(self, name, getattr(self, name).index_select(0, index.to(self.device)))
+
+
+class LazyCache(Cache):
+    """The cache ``model.generate`` carries for LazyLLM: KV per layer and the Aux Cache of hidden states."""
+
+    def __init__(self, policy: LazyLLM, num_layers: int) -> None:
+        self.policy = policy
+        self.schedule = policy.schedule(num_layers)
+        super().__init__(layers=[LazyLayer(i, policy) for i in range(num_layers)])
+        self.reset_tokens()
+
+    def reset_tokens(self) -> None:
+        self.n_seen = 0
+        self.hidden: torch.Tensor | None = None  # [B, T, D] hidden state at the input of layer depth
+        self.depth: torch.Tensor | None = None  # [B, T] layers computed so far
+        self.token_valid: torch.Tensor | None = None  # [B, T] real token (not padding)
+        self.rope_pos: torch.Tensor | None = None  # [B, T] RoPE position ids
+        self.computed: torch.Tensor | None = None  # [B, T, L] times each token was computed at each layer
+
+    def reset(self) -> None:
+        super().reset()
+        self.reset_tokens()
+
+    def append_tokens(self, embeds: torch.Tensor, valid: torch.Tensor, rope_pos: torch.Tensor) -> None:
+        """New tokens enter at depth 0 with their embeddings as the input of layer 0."""
+        b, q, _ = embeds.shape
+        if self.hidden is not None and self.hidden.shape[0] != b:
+            raise BatchMismatchError(f"the cache holds batch {self.hidden.shape[0]} but got {b}; use one cache per batch")
+        new = dict(
+            hidden=embeds,
+            depth=torch.zeros((b, q), dtype=torch.long, device=embeds.device),
+            token_valid=valid,
+            rope_pos=rope_pos,
+            computed=torch.zeros((b, q, len(self.layers)), dtype=torch.int32, device=embeds.device),
+        )
+        for name, value in new.items():
+            old = getattr(self, name)
+            setattr(self, name, value if old is None else torch.cat([old, value], dim=1))
+        self.n_seen += q
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.n_seen
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
+        return self.n_seen + q, 0
+
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        self.layers[0].crop(0)
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.select_rows(index)
+        if self.hidden is not None:
+            for name in ("hidden", "depth", "token_valid", "rope_pos", "computed"):
+                setattr(self, name, getattr(self, name).index_select(0, index.to(self.hidden.device)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.hidden is not None:
+            self._select_rows(torch.arange(self.hidden.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(torch.as_tensor(indices))
+
+    def compute_stats(self) -> dict[str, Any]:
+        """Token-layer computations done against the unpruned count (valid tokens x layers)."""
+        if self.computed is None:
+            return {"computed": 0, "baseline": 0, "max_per_token_layer": 0}
+        n_valid = int(self.token_valid.sum())
+        return {
+            "computed": int(self.computed.sum()),
+            "baseline": n_valid * len(self.layers),
+            "max_per_token_layer": int(self.computed.max()),
+            "per_layer": self.computed.sum(dim=(0, 1)).tolist(),
+        }

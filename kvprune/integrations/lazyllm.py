@@ -1,0 +1,121 @@
+"""LazyLLM's layer-skipping forward for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3).
+
+Per step, per layer: gather the hidden states of the selected tokens that still need this layer
+(the new tokens, and revived tokens resuming from the Aux Cache), run the real decoder layer on
+just those, scatter the results back, and after each pruning layer drop the least attended
+tokens from the selection. So the saving is real compute, and each token is computed at most once
+per layer over the whole generation.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from ..caches.lazy import LazyCache
+from ..policies.lazyllm import LazyLLM
+from .models import check_architecture, prepare_model
+
+
+def _pack_left(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions where ``mask [B, T]`` is true, ascending, left-padded with -1 to the widest row."""
+    width = int(mask.sum(-1).max())
+    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    packed = torch.where(mask, pos, -1).sort(dim=-1).values[:, mask.shape[1] - width :]
+    return packed, packed >= 0
+
+
+@torch.no_grad()
+def lazy_forward(
+    base: torch.nn.Module,
+    cache: LazyCache,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+) -> BaseModelOutputWithPast:
+    """One step of LazyLLM through ``base`` (the decoder stack, e.g. ``LlamaModel``).
+
+    Returns the final hidden states of the new tokens; a new token pruned before the last layer
+    (only possible for non-final prompt tokens) has NaN there, since it was never computed.
+    """
+    embeds = base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    b, q, d = embeds.shape
+    seen = cache.n_seen
+    if attention_mask is None:
+        valid = torch.ones((b, q), dtype=torch.bool, device=embeds.device)
+    else:
+        valid = attention_mask[:, -q:].to(torch.bool)
+    if position_ids is None:
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
+        else:
+            position_ids = torch.arange(seen, seen + q, device=embeds.device).expand(b, q)
+    cache.append_tokens(embeds, valid, position_ids.expand(b, q).to(embeds.device))
+
+    n_tokens = cache.n_seen
+    selected = cache.token_valid.clone()  # every step starts again from the full context
+    newest = torch.zeros_like(selected)
+    newest[:, -1] = True
+    rows = torch.arange(b, device=embeds.device)[:, None]
+    for idx, layer in enumerate(base.layers[: len(cache.layers)]):
+        todo = selected & (cache.depth == idx)
+        qpos, qvalid = _pack_left(todo)
+        src = qpos.clamp(min=0)
+        hidden = cache.hidden.gather(1, src[..., None].expand(-1, -1, d))
+        rope = cache.rope_pos.gather(1, src)
+        lazy_layer = cache.layers[idx]
+        lazy_layer.begin(qpos, qvalid, selected)
+        out = layer(
+            hidden,
+            attention_mask=None,
+            position_ids=rope,
+            past_key_values=cache,
+            use_cache=True,
+            position_embeddings=base.rotary_emb(hidden, rope),
+        )
+        out = out[0] if isinstance(out, tuple) else out
+        bi, pi = rows.expand_as(qpos)[qvalid], qpos[qvalid]
+        cache.hidden[bi, pi] = out[qvalid].to(cache.hidden.dtype)
+        cache.depth[bi, pi] += 1
+        cache.computed[bi, pi, idx] += 1
+        if idx in cache.schedule:
+            selected = cache.policy.select(lazy_layer.importance, selected, newest, cache.schedule[idx])
+
+    last = len(cache.layers)
+    final = cache.hidden[:, n_tokens - q :]
+    done = (cache.depth[:, n_tokens - q :] == last)[..., None]
+    final = torch.where(done, base.norm(final), torch.full_like(final, float("nan")))
+    return BaseModelOutputWithPast(last_hidden_state=final, past_key_values=cache)
+
+
+def prepare_lazy(model: torch.nn.Module) -> torch.nn.Module:
+    """Route ``model``'s attention through kvprune and its decoder stack through :func:`lazy_forward`
+    whenever the cache passed is a :class:`LazyCache` (any other cache runs the original forward)."""
+    prepare_model(model)
+    base = model.model
+    if getattr(base, "_kvprune_lazy", False):
+        return model
+    original = base.forward
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, **kwargs: Any):
+        if isinstance(past_key_values, LazyCache):
+            return lazy_forward(self, past_key_values, input_ids, attention_mask, position_ids, inputs_embeds)
+        return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
+
+    base.forward = types.MethodType(forward, base)
+    base._kvprune_lazy = True
+    return model
+
+
+def make_lazy_cache(model: torch.nn.Module, policy: LazyLLM | None = None, **params: Any) -> LazyCache:
+    """Prepare ``model`` for LazyLLM and return a fresh :class:`LazyCache` (one per conversation)."""
+    check_architecture(model.config)
+    policy = policy or LazyLLM(**params)
+    prepare_lazy(model)
+    return LazyCache(policy, model.config.num_hidden_layers)

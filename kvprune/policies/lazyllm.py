@@ -1,0 +1,77 @@
+"""LazyLLM (arXiv 2407.14057): dynamic token pruning by the last token's attention, revivable.
+
+At a pruning layer, a token's importance is the newest token's attention to it averaged over all
+heads (Eq. 2); the tokens below the k-th percentile of those still present leave every later layer
+of this step, as queries and as keys. Every step starts again from the full context, so a token
+pruned earlier can come back (the cache keeps its hidden state to resume from).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import InvalidParameterError
+
+
+@dataclass
+class LazyLLM:
+    """Where to prune and how much: ``prune_ratios[i]`` of the present tokens after layer ``prune_layers[i]``.
+
+    ``prune_layers`` entries are layer indices (int) or fractions of the depth (float in (0, 1)).
+    """
+
+    prune_layers: tuple[int | float, ...] = (0.3, 0.6, 0.9)
+    prune_ratios: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    name: ClassVar[str] = "lazyllm"
+    observation: ClassVar[str] = "last_query"
+    shared_across_heads: ClassVar[bool] = True  # importance is averaged over every head of the layer
+
+    def __post_init__(self) -> None:
+        self.prune_layers = tuple(self.prune_layers)
+        self.prune_ratios = tuple(self.prune_ratios)
+        if len(self.prune_layers) != len(self.prune_ratios):
+            raise InvalidParameterError(
+                f"prune_layers and prune_ratios need one entry each per pruning layer; got "
+                f"{len(self.prune_layers)} layers and {len(self.prune_ratios)} ratios"
+            )
+        for r in self.prune_ratios:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0.0 <= r < 1.0:
+                raise InvalidParameterError(f"each prune ratio is the fraction of present tokens pruned, in [0, 1); got {r!r}")
+        for l in self.prune_layers:
+            ok = (isinstance(l, int) and not isinstance(l, bool) and l >= 0) or (isinstance(l, float) and 0.0 < l < 1.0)
+            if not ok:
+                raise InvalidParameterError(f"a pruning layer is a layer index >= 0 or a depth fraction in (0, 1); got {l!r}")
+
+    def schedule(self, n_layers: int) -> dict[int, float]:
+        """``{layer index: prune ratio}``; fractions map to ``round(f * n_layers)``, the last layer excluded."""
+        out: dict[int, float] = {}
+        for l, r in zip(self.prune_layers, self.prune_ratios):
+            idx = l if isinstance(l, int) else int(round(l * n_layers))
+            if idx >= n_layers - 1:
+                if isinstance(l, int):
+                    raise InvalidParameterError(
+                        f"pruning layer {l} leaves no later layer to skip; valid: 0..{n_layers - 2} for {n_layers} layers"
+                    )
+                idx = n_layers - 2
+            if idx >= 0 and r > 0:
+                out[idx] = r
+        return out
+
+    @staticmethod
+    def select(importance: torch.Tensor, present: torch.Tensor, newest: torch.Tensor, ratio: float) -> torch.Tensor:
+        """Keep mask ``[B, T]``: per row, the present tokens not in the lowest ``ratio`` fraction by importance.
+
+        Ties are broken towards the older token; the newest token is always kept.
+        """
+        n_present = present.sum(-1)  # [B]
+        n_prune = torch.floor(n_present.double() * ratio).long()
+        score = importance.masked_fill(~present, float("inf")).masked_fill(newest, float("inf"))
+        order = score.sort(dim=-1, stable=True).indices  # ascending: least important first
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        return present & (rank >= n_prune[:, None])

@@ -1,0 +1,163 @@
+"""LazyLLM: exact when nothing is pruned, at most one computation per token and layer, revival is exact."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import ARCHS, padded_batch, tiny_model
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+from kvprune.errors import InvalidParameterError
+from kvprune.integrations.lazyllm import make_lazy_cache
+from kvprune.policies.lazyllm import LazyLLM
+
+pytestmark = pytest.mark.integration
+N_LAYERS = 4
+
+
+def _generate(model, ids, mask, cache, n=6):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                         past_key_values=cache, output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("lengths", [[19], [19, 12, 5]], ids=["batch1", "batch3_leftpad"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_pruning_reproduces_baseline(arch, attn, lengths):
+    model = tiny_model(arch, attn, num_hidden_layers=N_LAYERS)
+    ids, mask = padded_batch(lengths)
+    ref_tokens, ref_logits = _generate(model, ids, mask, DynamicCache())
+    cache = make_lazy_cache(model, LazyLLM(prune_ratios=(0.0, 0.0, 0.0)))
+    tokens, logits = _generate(model, ids, mask, cache)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+    stats = cache.compute_stats()
+    assert stats["computed"] == stats["baseline"]
+
+
+@functools.lru_cache(maxsize=None)
+def _model(attn="sdpa"):
+    return tiny_model("llama", attn, dtype=torch.float64, num_hidden_layers=N_LAYERS)
+
+
+@st.composite
+def schedules(draw):
+    layers = draw(st.lists(st.integers(0, N_LAYERS - 2), min_size=1, max_size=3, unique=True))
+    ratios = draw(st.lists(st.sampled_from([0.2, 0.5, 0.8]), min_size=len(layers), max_size=len(layers)))
+    lengths = draw(st.lists(st.integers(1, 16), min_size=1, max_size=3))
+    return LazyLLM(prune_layers=tuple(sorted(layers)), prune_ratios=tuple(ratios)), lengths, draw(st.integers(1, 6))
+
+
+@given(schedules())
+def test_at_most_once_and_rows_independent(scenario):
+    policy, lengths, steps = scenario
+    model = _model()
+    ids, mask = padded_batch(lengths)
+    cache = make_lazy_cache(model, policy)
+    tokens, _ = _generate(model, ids, mask, cache, steps)
+    assert int(cache.computed.max()) <= 1, "a token was computed twice at one layer"
+    assert bool((cache.computed[~cache.token_valid] == 0).all()), "padding was computed"
+    # every generated token's input went through every layer (the newest token is always kept)
+    width = ids.shape[1]
+    assert bool((cache.computed[:, width:] == 1).all())
+    stats = cache.compute_stats()
+    assert stats["computed"] <= stats["baseline"]
+    again, _ = _generate(model, ids, mask, make_lazy_cache(model, policy), steps)
+    assert torch.equal(tokens, again), "deterministic"
+    for r, n in enumerate(lengths):
+        alone_ids = ids[r : r + 1, width - n :]
+        alone, _ = _generate(model, alone_ids, torch.ones_like(alone_ids), make_lazy_cache(model, policy), steps)
+        gen = alone[:, n:]  # the row alone may stop earlier at EOS; the batch pads it after that
+        assert torch.equal(tokens[r : r + 1, width : width + gen.shape[1]], gen), f"row {r} differs from the row run alone"
+
+
+def _record_selections(cache):
+    """Log (layer, query positions, query validity, selection) each time a layer runs."""
+    log = []
+    for layer in cache.layers:
+        original = layer.begin
+
+        def begin(qpos, qvalid, selected, _layer=layer, _orig=original):
+            log.append((_layer.layer_idx, qpos.clone(), qvalid.clone(), selected.clone()))
+            _orig(qpos, qvalid, selected)
+
+        layer.begin = begin
+    return log
+
+
+@pytest.mark.parametrize("lengths", [[21], [21, 14]])
+def test_revived_tokens_equal_full_recomputation(lengths):
+    """One full eager forward over all tokens, each (token, layer) masked to the keys LazyLLM let it see
+    when it computed it, gives the same K/V and logits as the incremental run with its Aux Cache."""
+    model = _model("eager")
+    ids, mask = padded_batch(lengths)
+    cache = make_lazy_cache(model, LazyLLM(prune_layers=(0, 1, 2), prune_ratios=(0.5, 0.5, 0.5)))
+    log = _record_selections(cache)
+    tokens, logits = _generate(model, ids, mask, cache, 8)
+    stats = cache.compute_stats()
+    assert stats["computed"] < stats["baseline"], "the schedule pruned something"
+    # some token was pruned at one step and resumed from the Aux Cache at a later one
+    first_step, step, revived = {}, -1, 0
+    for layer, qpos, qvalid, _ in log:
+        step += layer == 0
+        for r, p in zip(*torch.nonzero(qvalid, as_tuple=True)):
+            key = (int(r), int(qpos[r, p]))
+            first_step.setdefault(key, step)
+            revived += first_step[key] < step
+    assert revived > 0
+    b, t = cache.token_valid.shape
+    # the mask each (token, layer) was computed under
+    allowed = torch.zeros((N_LAYERS, b, t, t), dtype=torch.bool)
+    pos = torch.arange(t)
+    for layer, qpos, qvalid, selected in log:
+        for r in range(b):
+            for p in qpos[r][qvalid[r]].tolist():
+                n = selected.shape[1]
+                allowed[layer, r, p, :n] = selected[r] & (pos[:n] <= p)
+    allowed |= torch.eye(t, dtype=torch.bool)  # never-computed rows: finite, unused
+    reference = tiny_model("llama", "eager", dtype=torch.float64, num_hidden_layers=N_LAYERS)
+    hooks = []
+    for i, layer in enumerate(reference.model.layers):
+        def pre(module, args, kwargs, _i=i):
+            kwargs["attention_mask"] = torch.where(allowed[_i][:, None], 0.0, float("-inf")).to(torch.float64)
+            return args, kwargs
+        hooks.append(layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True))
+    ref_cache = DynamicCache()
+    full_ids = tokens[:, : t]
+    with torch.no_grad():
+        out = reference(input_ids=full_ids, position_ids=cache.rope_pos, past_key_values=ref_cache).logits
+    for layer_idx, layer in enumerate(cache.layers):
+        for r in range(b):
+            for slot in torch.nonzero(layer.valid[r]).flatten().tolist():
+                p = int(layer.positions[r, slot])
+                torch.testing.assert_close(layer.keys[r, :, slot], ref_cache.layers[layer_idx].keys[r, :, p])
+                torch.testing.assert_close(layer.values[r, :, slot], ref_cache.layers[layer_idx].values[r, :, p])
+    # each generated token's logits come from the last prompt/generated position before it
+    width = ids.shape[1]
+    out = out.to(logits.dtype)
+    torch.testing.assert_close(logits[:, 1:], out[:, width : t][:, : logits.shape[1] - 1])
+    torch.testing.assert_close(logits[:, 0], out[:, width - 1])
+
+
+def test_schedule_and_parameters():
+    assert LazyLLM().schedule(10) == {3: 0.5, 6: 0.5, 8: 0.5}
+    assert LazyLLM(prune_layers=(1,), prune_ratios=(0.0,)).schedule(4) == {}
+    for bad in (dict(prune_ratios=(1.0, 0.5, 0.5)), dict(prune_layers=(0.3,)), dict(prune_layers=(-1, 2, 3)),
+                dict(prune_ratios=(float("nan"), 0.1, 0.1))):
+        with pytest.raises(InvalidParameterError):
+            LazyLLM(**bad)
+    with pytest.raises(InvalidParameterError, match="valid: 0..2"):
+        LazyLLM(prune_layers=(3,), prune_ratios=(0.5,)).schedule(4)
+
+
+def test_select_keeps_newest_and_prunes_percentile():
+    imp = torch.tensor([[0.5, 0.1, 0.3, 0.0, 0.2]])
+    present = torch.tensor([[True, True, True, False, True]])
+    newest = torch.tensor([[False, False, False, False, True]])
+    keep = LazyLLM.select(imp, present, newest, 0.5)  # 4 present, prune 2: the lowest are 0.1 and 0.3
+    assert keep.tolist() == [[True, False, False, False, True]]
