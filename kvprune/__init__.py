@@ -12,6 +12,8 @@ from .errors import (
     UnsupportedGenerationModeError,
 )
 from .integrations import SUPPORTED_MODEL_TYPES, make_cache, prepare_model
+from .caches.lazy import LazyCache
+from .policies.lazyllm import LazyLLM
 from .policies import A2SF, H2O, POLICIES, TOVA, FullCache, KNorm, Policy, RandomPolicy, SnapKV, StreamingLLM, build_policy
 
 __version__ = "0.1.0"
@@ -30,6 +32,8 @@ __all__ = [
     "InvalidBudgetError",
     "InvalidParameterError",
     "KNorm",
+    "LazyCache",
+    "LazyLLM",
     "KVPruneError",
     "Policy",
     "PruningCache",

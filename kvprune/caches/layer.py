@@ -171,6 +171,14 @@ class PruningLayer(CacheLayerMixin):
         # a padding query sees only itself, so its (unused) softmax row is finite
         return allowed | (kpos == qpos)
 
+    def is_plain_causal(self, n_queries: int, sliding_window: int | None = None) -> bool:
+        """Whether the mask is plain causal over the slots: a fresh prefill with no padding."""
+        return (
+            self.n_seen == n_queries == self.keys.shape[-2]
+            and self.all_valid
+            and (sliding_window is None or sliding_window >= n_queries)
+        )
+
     def finish(self, obs: torch.Tensor | None) -> None:
         """Fold the observation into the scores and evict down to the budget."""
         if obs is not None or self.policy.observation == "none":

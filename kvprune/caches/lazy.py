@@ -16,6 +16,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import BatchMismatchError, UnsupportedGenerationModeError
 from ..policies.lazyllm import LazyLLM
+from .cache import CacheStats
 
 
 class LazyLayer(CacheLayerMixin):
@@ -79,11 +80,35 @@ class LazyLayer(CacheLayerMixin):
             allowed &= kpos > qpos - sliding_window
         return allowed | (kpos == qpos)  # padding queries (position -1) see only padding: finite rows
 
+    def is_plain_causal(self, n_queries: int, sliding_window: int | None = None) -> bool:
+        """True when this layer holds exactly the queries, all real, in position order (a prefill)."""
+        return (
+            self.keys.shape[-2] == n_queries
+            and bool(self._qvalid.all())
+            and bool(self._selected.gather(1, self._qpos.clamp(min=0)).all())
+            and (sliding_window is None or sliding_window >= int(self._qpos.max()) + 1)
+        )
+
     def finish(self, obs: torch.Tensor | None) -> None:
         """Store the newest token's head-averaged attention per position (``[B, T]``) for the pruning rule."""
         self.pending = 0
-        if obs is None:
+        if obs is not None:
+            self._store_importance(obs)
+        self.compact()
+
+    def compact(self) -> None:
+        """Drop padding slots once they are over a quarter of the layer (rows computed different counts)."""
+        width = int(self.valid.sum(-1).max())
+        if self.valid.shape[1] - width <= self.valid.shape[1] // 4:
             return
+        order = (~self.valid).to(torch.int8).sort(dim=-1, stable=True).indices[:, :width]
+        self.positions = self.positions.gather(1, order)
+        self.valid = self.valid.gather(1, order)
+        idx = order[:, None, :, None]
+        self.keys = self.keys.gather(2, idx.expand(-1, self.keys.shape[1], -1, self.keys.shape[-1]))
+        self.values = self.values.gather(2, idx.expand(-1, self.values.shape[1], -1, self.values.shape[-1]))
+
+    def _store_importance(self, obs: torch.Tensor) -> None:
         n_tokens = self._selected.shape[1]
         imp = torch.zeros((obs.shape[0], n_tokens + 1), dtype=torch.float32, device=obs.device)
         slot_pos = torch.where(self.valid, self.positions, n_tokens)  # padding slots go to a dump column
@@ -182,6 +207,19 @@ class LazyCache(Cache):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._select_rows(torch.as_tensor(indices))
+
+    def stats(self) -> CacheStats:
+        """What the cache holds (LazyLLM evicts nothing; the Aux Cache counts as metadata)."""
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        aux = 0 if self.hidden is None else sum(t.nbytes for t in (self.hidden, self.depth, self.token_valid, self.rope_pos))
+        return CacheStats(
+            tokens_seen=self.n_seen,
+            kept=[layer.valid.sum(-1, keepdim=True).expand(-1, layer.keys.shape[1]).cpu() for layer in layers],
+            slots=[layer.keys.shape[-2] for layer in layers],
+            evictions=[0 for _ in layers],
+            kv_bytes=sum(layer.keys.nbytes + layer.values.nbytes for layer in layers),
+            metadata_bytes=aux + sum(layer.positions.nbytes + layer.valid.nbytes for layer in layers),
+        )
 
     def compute_stats(self) -> dict[str, Any]:
         """Token-layer computations done against the unpruned count (valid tokens x layers)."""

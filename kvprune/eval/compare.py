@@ -13,6 +13,8 @@ from ..policies import POLICIES
 
 DEFAULT_POLICIES: tuple[str, ...] = ("a2sf", "h2o", "tova", "snapkv", "streaming", "knorm", "random")
 DEFAULT_BUDGETS: tuple[float, ...] = (0.1, 0.25, 0.5)
+#: policies that take no KV budget: run once, reported with budget NaN
+UNBUDGETED = ("full", "lazyllm")
 COLUMNS = ["task", "policy", "budget", "metric", "value", "kv_bytes", "prefill_s", "decode_s", "n"]
 #: small protected windows so that low budgets on short documents stay valid
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {"snapkv": {"window": 16}, "streaming": {"n_sink": 4}}
@@ -88,13 +90,15 @@ def compare(
     once with budget NaN. Columns: ``task, policy, budget, metric, value, kv_bytes, prefill_s,
     decode_s, n``.
     """
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if p not in POLICIES and p not in UNBUDGETED]
     if unknown:
         from ..errors import UnknownPolicyError
 
-        raise UnknownPolicyError(f"unknown policies {unknown}; valid names: {', '.join(sorted(POLICIES))}")
+        valid = ", ".join(sorted({*POLICIES, *UNBUDGETED}))
+        raise UnknownPolicyError(f"unknown policies {unknown}; valid names: {valid}")
     runs: list[tuple[str, int | float | None]] = [("full", None)] if include_full else []
-    runs += [(p, b) for p in policies if p != "full" for b in budgets]
+    runs += [(p, None) for p in policies if p in UNBUDGETED and p != "full"]
+    runs += [(p, b) for p in policies if p not in UNBUDGETED for b in budgets]
 
     if task == "fidelity":
         from .fidelity import full_reference, sample_sequences
@@ -160,7 +164,10 @@ def plot_quality_vs_budget(df: pd.DataFrame, metric: str | None = None, task: st
         fig = ax.figure
     for policy, group in sub[sub["policy"] != "full"].groupby("policy"):
         group = group.sort_values("budget")
-        ax.plot(group["budget"], group["value"], marker="o", label=policy)
+        if group["budget"].isna().all():  # a policy without a KV budget (LazyLLM): one level
+            ax.axhline(float(group["value"].mean()), linestyle=":", linewidth=1.5, label=policy)
+        else:
+            ax.plot(group["budget"], group["value"], marker="o", label=policy)
     full = sub[sub["policy"] == "full"]
     if len(full):
         ax.axhline(float(full["value"].mean()), color="black", linestyle="--", linewidth=1, label="full cache")

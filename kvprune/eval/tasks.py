@@ -21,8 +21,10 @@ in-context-copying signal a small model needs to learn long-range retrieval.
 Every word of the language (made-up words, digits 1-64 and the task punctuation) is a single token
 of the demo tokenizer, so the number of words of a prompt is its number of tokens (plus one BOS).
 An example is a plain dict ``{"id", "task", "context", "question", "answer", "length"}`` where
-``length`` is the target prompt length in tokens, BOS included; :func:`format_prompt` joins context
-and question into the prompt a model reads, after which it should generate the answer (one word).
+``question`` is the prompt's tail (``question : what is the code of <name> ? answer :``), ``length``
+the target prompt length in tokens, BOS included; the prompt a model reads is
+``f"{context} {question}"`` (:func:`format_prompt`), after which it should generate the answer (one
+word) and then end of sequence.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ __all__ = [
     "generate_doc",
     "generate_example",
     "normalize_answer",
-    "prompt_words",
+    "question_text",
 ]
 
 TASKS: tuple[str, ...] = ("needle", "multikey", "multidoc", "vartrack")
@@ -173,11 +175,6 @@ def _qa_fact(rel: str, name: str, value: str, doc: str | None = None) -> tuple[l
     return q, [value]
 
 
-def _n_context_words(length: int, n_question_words: int) -> int:
-    # prompt = BOS + context + "question :" + question + "answer :"
-    return length - 1 - 2 - n_question_words - 2
-
-
 def generate_doc(task: str, rng: random.Random, context_words: int, *, n_questions: int = 1,
                  max_hops: int = 2) -> Doc:
     """A document of exactly ``context_words`` words for ``task``, with up to ``n_questions`` QAs.
@@ -264,44 +261,91 @@ def generate_doc(task: str, rng: random.Random, context_words: int, *, n_questio
     return Doc(task=task, words=b.words, mask=b.mask, qas=qas)
 
 
-def prompt_words(context: str, question: str) -> str:
-    return f"{context} question : {question} answer :"
+def question_text(question_words: Sequence[str]) -> str:
+    """The ``question`` field of an example: ``question : <question words> answer :``."""
+    return " ".join(["question", ":", *question_words, "answer", ":"])
 
 
 def format_prompt(example: dict[str, Any]) -> str:
-    """The text a model reads: ``<context> question : <question> answer :`` (the answer follows)."""
-    return prompt_words(example["context"], example["question"])
+    """The text a model reads, ``<context> <question>``; the answer follows it.
+
+    For the synthetic tasks the ``question`` field already holds the markers the demo model was
+    trained on (``question : what is the code of <name> ? answer :``), so this is the same layout as
+    ``f"{context} {question}"`` for real suites.
+    """
+    return f"{example['context']} {example['question']}"
 
 
-def generate_example(task: str, length: int, seed: int, *, max_hops: int = 2, index: int = 0) -> dict[str, Any]:
-    """One example of ``task`` whose prompt is ``length`` tokens (BOS included), deterministic per ``(seed, index)``."""
+_Q_WORDS = {"needle": 7, "multikey": 7, "multidoc": 11, "vartrack": 7}
+
+
+def _count_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text)["input_ids"])
+
+
+def generate_example(task: str, length: int, seed: int, *, max_hops: int = 2, index: int = 0,
+                     tokenizer: Any = None) -> dict[str, Any]:
+    """One example of ``task`` whose prompt is ``length`` tokens (BOS included), deterministic per ``(seed, index)``.
+
+    Without ``tokenizer`` the length is counted in words plus one (exact for the demo tokenizer,
+    where every word is one token). With a tokenizer the context is resized until the tokenized
+    prompt is as close to ``length`` as possible without exceeding it (usually exact).
+    """
     if task not in TASKS:
         raise InvalidParameterError(f"unknown task {task!r}; expected one of {TASKS}")
     if isinstance(length, bool) or not isinstance(length, int) or length < _MIN_LENGTH:
         raise InvalidParameterError(f"length must be an integer >= {_MIN_LENGTH}; got {length!r}")
-    rng = random.Random(f"kvprune-tasks/{task}/{length}/{seed}/{index}")
-    # question length depends on the task only; draw the doc first with a provisional size
-    q_len = {"needle": 7, "multikey": 7, "multidoc": 11, "vartrack": 7}[task]
-    doc = generate_doc(task, rng, _n_context_words(length, q_len), n_questions=1, max_hops=max_hops)
-    q, a = doc.qas[0]
-    assert len(q) == q_len
-    return {
-        "id": f"{task}-{length}-{seed}-{index}",
-        "task": task,
-        "context": " ".join(doc.words),
-        "question": " ".join(q),
-        "answer": " ".join(a),
-        "length": length,
-    }
+    key = f"kvprune-tasks/{task}/{length}/{seed}/{index}"
+
+    def make(context_words: int) -> dict[str, Any]:
+        doc = generate_doc(task, random.Random(key), context_words, n_questions=1, max_hops=max_hops)
+        q, a = doc.qas[0]
+        return {
+            "id": f"{task}-{length}-{seed}-{index}",
+            "task": task,
+            "context": " ".join(doc.words),
+            "question": question_text(q),
+            "answer": " ".join(a),
+            "length": length,
+        }
+
+    n_words = length - 1 - (_Q_WORDS[task] + 4)  # BOS, question with its 4 markers
+    example = make(n_words)
+    if tokenizer is None:
+        return example
+    best = None  # (tokens, words, example) closest to length from below
+    tried: set[int] = set()
+    for _ in range(12):
+        n_tok = _count_tokens(tokenizer, format_prompt(example))
+        tried.add(n_words)
+        if n_tok <= length and (best is None or n_tok > best[0]):
+            best = (n_tok, n_words, example)
+        if n_tok == length:
+            break
+        words_per_token = len(format_prompt(example).split()) / max(1, n_tok)
+        step = round((length - n_tok) * words_per_token) or (1 if n_tok < length else -1)
+        n_words = max(_MIN_LENGTH // 2, n_words + step)
+        while n_words in tried:
+            n_words += 1 if n_tok < length else -1
+        try:
+            example = make(n_words)
+        except InvalidParameterError:
+            break
+    if best is None:
+        raise InvalidParameterError(f"cannot fit a {task} prompt into {length} tokens of this tokenizer")
+    return best[2]
 
 
 def build_suite(seed: int = 0, n_per_task: int = 10, lengths: Sequence[int] = (512, 1024, 2048),
-                tasks: Sequence[str] = TASKS, *, max_hops: int = 2) -> list[dict[str, Any]]:
-    """``n_per_task`` examples of every task at every length, deterministic per seed."""
+                tasks: Sequence[str] = TASKS, *, max_hops: int = 2, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """``n_per_task`` examples of every task at every length, deterministic per seed (see :func:`generate_example`)."""
     if isinstance(n_per_task, bool) or not isinstance(n_per_task, int) or n_per_task < 1:
         raise InvalidParameterError(f"n_per_task must be an integer >= 1; got {n_per_task!r}")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise InvalidParameterError(f"unknown tasks {unknown}; expected some of {TASKS}")
     return [
-        generate_example(t, int(L), seed, max_hops=max_hops, index=i)
+        generate_example(t, int(L), seed, max_hops=max_hops, index=i, tokenizer=tokenizer)
         for L in lengths
         for t in tasks
         for i in range(n_per_task)

@@ -64,18 +64,17 @@ def sdpa_output(
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
 
 
-def flash_output(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scaling: float, plain_causal: bool
-) -> torch.Tensor:
-    """FlashAttention-2 when the mask is plain bottom-right causal (no padding, aligned heads); SDPA otherwise."""
-    if plain_causal and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+def causal_output(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, flash: bool) -> torch.Tensor:
+    """Plain causal attention (queries and keys are the same tokens in order): FlashAttention-2 or SDPA."""
+    if flash and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         from flash_attn import flash_attn_func  # optional extra: pip install kvprune[flash]
 
         out = flash_attn_func(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling, causal=True
         )
         return out.transpose(1, 2)
-    return sdpa_output(query, key, value, allowed, scaling)
+    gqa = query.shape[1] != key.shape[1]
+    return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
 
 
 def estimate_observation(
@@ -149,6 +148,12 @@ def _plain_allowed(attention_mask: torch.Tensor | None, b: int, q: int, s: int, 
     return allowed | (kpos == qpos)
 
 
+def _allowed(layer, attention_mask, new_valid, b, q, s, device, window) -> torch.Tensor | None:
+    if layer is not None:
+        return layer.attention_allowed(q, window)
+    return _plain_allowed(attention_mask if new_valid is not None else None, b, q, s, device, window)
+
+
 def kvprune_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -171,31 +176,33 @@ def kvprune_attention(
 
     if layer is not None and layer.pending == q:
         layer.observe_padding(new_valid)
-        allowed = layer.attention_allowed(q, sliding_window)
         policy = layer.policy
+        causal = q > 1 and layer.is_plain_causal(q, sliding_window)
     else:
-        layer = None
-        allowed = _plain_allowed(attention_mask if new_valid is not None else None, b, q, s, query.device, sliding_window)
-        policy = None
+        layer, policy = None, None
+        causal = q > 1 and q == s and (new_valid is None or bool(new_valid.all())) and (sliding_window or q) >= q
+    qv = new_valid if new_valid is not None else torch.ones((b, q), dtype=torch.bool, device=query.device)
 
     weights: torch.Tensor | None = None
     obs = None
     if q == 1 or backend == "eager":
+        allowed = _allowed(layer, attention_mask, new_valid, b, q, s, query.device, sliding_window)
         probs = grouped_probs(query, key, allowed, scaling)
         out = grouped_output(probs, value)
         if backend == "eager":
             weights = probs.flatten(1, 2).to(query.dtype)
         if policy is not None:
-            qv = new_valid if new_valid is not None else torch.ones((b, q), dtype=torch.bool, device=query.device)
             obs = estimate_observation(policy, query, key, allowed, qv, scaling, probs=probs)
     else:
-        if backend == "flash_attention_2":
-            plain = new_valid is None and (layer is None or (layer.heads_aligned and layer.all_valid))
-            out = flash_output(query, key, value, allowed, scaling, plain)
+        # a plain causal mask (fresh prefill, no padding) runs the kernel's own causal path, mask-free;
+        # its last row sees every key, so a last-query observation needs no mask either
+        need_mask = not causal or (policy is not None and policy.observation in ("window", "all_queries"))
+        allowed = _allowed(layer, attention_mask, new_valid, b, q, s, query.device, sliding_window) if need_mask else None
+        if causal:
+            out = causal_output(query, key, value, scaling, flash=backend == "flash_attention_2")
         else:
             out = sdpa_output(query, key, value, allowed, scaling)
         if policy is not None:
-            qv = new_valid if new_valid is not None else torch.ones((b, q), dtype=torch.bool, device=query.device)
             obs = estimate_observation(policy, query, key, allowed, qv, scaling)
     if layer is not None:
         layer.finish(obs)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..caches import ATTN_PREFIX, Budget, PruningCache
+from ..caches.lazy import LazyCache
 from ..errors import InvalidParameterError, UnsupportedArchitectureError
 from ..policies import Policy
 from .attention import BACKENDS, register
@@ -49,9 +50,22 @@ def make_cache(
     *,
     backend: str | None = None,
     **policy_params: Any,
-) -> PruningCache:
-    """Prepare ``model`` and return a fresh :class:`PruningCache` for one ``generate`` conversation."""
+) -> PruningCache | LazyCache:
+    """Prepare ``model`` and return a fresh cache for one ``generate`` conversation.
+
+    ``policy="lazyllm"`` (or a :class:`~kvprune.policies.lazyllm.LazyLLM`) returns a
+    :class:`~kvprune.caches.lazy.LazyCache` (no budget: LazyLLM saves compute, not memory);
+    every other policy a :class:`PruningCache`.
+    """
     check_architecture(model.config)
+    from ..policies.lazyllm import LazyLLM
+
+    if isinstance(policy, LazyLLM) or policy == "lazyllm":
+        if budget is not None:
+            raise InvalidParameterError("LazyLLM prunes computation, not memory: it takes no budget (pass budget=None)")
+        from .lazyllm import make_lazy_cache
+
+        return make_lazy_cache(model, policy if isinstance(policy, LazyLLM) else None, **policy_params)
     cache = PruningCache(policy, budget, config=model.config, **policy_params)
     prepare_model(model, backend)
     return cache

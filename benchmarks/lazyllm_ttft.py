@@ -1,0 +1,75 @@
+"""LazyLLM time-to-first-token and total generation time against the unpruned model, on this CPU.
+
+    python benchmarks/lazyllm_ttft.py [--lengths 2048,4096] [--new-tokens 32] [--repeats 3]
+
+A random-initialised Llama (timing does not depend on the weights' values); ratios are measured in
+one run, medians over repeats. Accuracy lives in benchmarks/lazyllm_accuracy.py (demo model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import kvprune
+
+
+def timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="2048,4096")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--ratios", default="0.5,0.5,0.5", help="LazyLLM prune ratios at 30/60/90%% depth")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=2,
+                         max_position_embeddings=8192, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"model: Llama {args.layers} layers, hidden {args.hidden}, GQA 2 KV heads; LazyLLM prune ratios {ratios}")
+    print("| prompt | TTFT full (s) | TTFT LazyLLM (s) | TTFT speedup | total full (s) | total LazyLLM (s) | total speedup | layer-token work |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in [int(x) for x in args.lengths.split(",")]:
+        ids = torch.randint(3, 1024, (1, n))
+
+        def gen(make, new):
+            with torch.no_grad():
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                               min_new_tokens=new, do_sample=False, past_key_values=make(), pad_token_id=0)
+
+        full = lambda: DynamicCache()  # noqa: E731
+        lazy = lambda: kvprune.make_cache(model, "lazyllm", prune_ratios=ratios)  # noqa: E731
+        ttft_full = timed(lambda: gen(full, 1), args.repeats)
+        ttft_lazy = timed(lambda: gen(lazy, 1), args.repeats)
+        tot_full = timed(lambda: gen(full, args.new_tokens), 1)
+        cache = lazy()
+        with torch.no_grad():
+            t = time.perf_counter()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                           min_new_tokens=args.new_tokens, do_sample=False, past_key_values=cache, pad_token_id=0)
+            tot_lazy = time.perf_counter() - t
+        st = cache.compute_stats()
+        print(f"| {n} | {ttft_full:.3f} | {ttft_lazy:.3f} | {ttft_full / ttft_lazy:.2f}x | {tot_full:.3f} | "
+              f"{tot_lazy:.3f} | {tot_full / tot_lazy:.2f}x | {st['computed'] / st['baseline']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
