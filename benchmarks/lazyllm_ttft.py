@@ -35,9 +35,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--ratios", default="0.5,0.5,0.5", help="LazyLLM prune ratios at 30/60/90%% depth")
     args = ap.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     config = LlamaConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=2,
                          max_position_embeddings=8192, attn_implementation="sdpa")

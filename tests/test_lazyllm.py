@@ -161,3 +161,22 @@ def test_select_keeps_newest_and_prunes_percentile():
     newest = torch.tensor([[False, False, False, False, True]])
     keep = LazyLLM.select(imp, present, newest, 0.5)  # 4 present, prune 2: the lowest are 0.1 and 0.3
     assert keep.tolist() == [[True, False, False, False, True]]
+
+
+def test_make_cache_by_name_and_stats():
+    import kvprune
+
+    model = tiny_model("qwen2", "sdpa", num_hidden_layers=N_LAYERS)
+    with pytest.raises(InvalidParameterError, match="takes no budget"):
+        kvprune.make_cache(model, "lazyllm", 16)
+    cache = kvprune.make_cache(model, "lazyllm", prune_layers=(1,), prune_ratios=(0.5,))
+    assert isinstance(cache, kvprune.LazyCache)
+    ids, mask = padded_batch([20, 9])
+    _generate(model, ids, mask, cache, 3)
+    stats = cache.stats()
+    assert stats.tokens_seen == ids.shape[1] + 2 and stats.kv_bytes > 0 and len(stats.kept) == N_LAYERS
+    # layers after the pruning layer hold fewer tokens than those before it
+    assert int(stats.kept[-1].sum()) < int(stats.kept[0].sum())
+    # a plain DynamicCache still runs the original forward on the same (prepared) model
+    ref, _ = _generate(model, ids, mask, DynamicCache(), 3)
+    assert ref.shape[0] == 2
