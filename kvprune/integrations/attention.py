@@ -27,8 +27,9 @@ def grouped_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor 
     """Softmax rows ``[B, Hkv, G, q, S]`` (at least float32) without expanding keys to query heads."""
     b, hq, q, d = query.shape
     hkv = key.shape[1]
-    qg = query.view(b, hkv, hq // hkv, q, d)
-    logits = torch.matmul(qg, key.unsqueeze(2).transpose(-1, -2)) * scaling
+    g = hq // hkv
+    # the G query heads of a group are stacked as extra rows: one plain batched matmul, no broadcast copy of K
+    logits = torch.matmul(query.reshape(b, hkv, g * q, d), key.transpose(-1, -2)).view(b, hkv, g, q, -1) * scaling
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if allowed is not None:  # None: every slot is visible (a decode step over valid slots)
         logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
@@ -37,9 +38,9 @@ def grouped_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor 
 
 def grouped_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``probs @ value`` per KV group, returned as ``[B, Hq, q, Dv]``."""
-    out = torch.matmul(probs.to(value.dtype), value.unsqueeze(2))
-    b, hkv, g, q, dv = out.shape
-    return out.reshape(b, hkv * g, q, dv)
+    b, hkv, g, q, s = probs.shape
+    out = torch.matmul(probs.to(value.dtype).reshape(b, hkv, g * q, s), value)
+    return out.view(b, hkv * g, q, -1)
 
 
 def reduce_probs(probs: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
