@@ -141,14 +141,16 @@ class PruningLayer(CacheLayerMixin):
         """Record which new tokens are real (``[B, q]`` bool, None = all) and give them initial scores."""
         q = self.pending
         b, h = self.keys.shape[:2]
-        if new_valid is None:
-            new_valid = torch.ones((b, q), dtype=torch.bool, device=self.device)
-        new_valid = new_valid.to(self.device, torch.bool)
-        ranks = self.n_valid[:, None] + new_valid.long().cumsum(-1) - 1
-        ranks = torch.where(new_valid, ranks, -1).to(INDEX_DTYPE)
-        self.n_valid = self.n_valid + new_valid.sum(-1)
-        self.valid[..., -q:] = new_valid[:, None, :]
-        self.all_valid = self.all_valid and bool(new_valid.all())
+        if new_valid is None or (q == 1 and bool(new_valid.all())):  # the common decode step: no padding
+            ranks = (self.n_valid[:, None] + torch.arange(q, device=self.device)).to(INDEX_DTYPE)
+            self.n_valid = self.n_valid + q
+        else:
+            new_valid = new_valid.to(self.device, torch.bool)
+            ranks = self.n_valid[:, None] + new_valid.long().cumsum(-1) - 1
+            ranks = torch.where(new_valid, ranks, -1).to(INDEX_DTYPE)
+            self.n_valid = self.n_valid + new_valid.sum(-1)
+            self.valid[..., -q:] = new_valid[:, None, :]
+            self.all_valid = self.all_valid and bool(new_valid.all())
         self.ranks[..., -q:] = ranks[:, None, :]
         init = self.policy.initial_scores(self.keys[..., -q:, :], self.ranks[..., -q:].long(), self.layer_idx)
         self.scores[..., -q:] = init.to(torch.float32).expand(b, h, q)
@@ -206,9 +208,18 @@ class PruningLayer(CacheLayerMixin):
         if self.keys.shape[-2] <= cap and not bool((self.valid.sum(-1) > caps[:, None]).any()):
             return
         eff = self.scores.masked_fill(self.protected(caps), float("inf")).masked_fill(~self.valid, float("-inf"))
-        # stable sort: among equal scores the older token (earlier slot) wins, deterministically
-        order = eff.sort(dim=-1, descending=True, stable=True).indices[..., :cap]
-        keep, perm = order.sort(dim=-1)
+        s = self.keys.shape[-2]
+        if s == cap + 1 and bool((caps == cap).all()):
+            # one slot over everywhere (a decode step): drop the lowest score, the newest among equals,
+            # which is exactly what the stable sort below would drop
+            victim = (s - 1) - eff.flip(-1).argmin(dim=-1, keepdim=True)
+            keep = torch.arange(cap, device=self.device).expand(*eff.shape[:2], cap)
+            keep = keep + (keep >= victim).to(keep.dtype)
+            perm = torch.zeros_like(keep)  # every kept slot is within its row's budget
+        else:
+            # stable sort: among equal scores the older token (earlier slot) wins, deterministically
+            order = eff.sort(dim=-1, descending=True, stable=True).indices[..., :cap]
+            keep, perm = order.sort(dim=-1)
         before = int(self.valid.sum())
         idx = keep[..., None]
         self.keys = self.keys.gather(2, idx.expand(-1, -1, -1, self.keys.shape[-1]))
@@ -220,7 +231,8 @@ class PruningLayer(CacheLayerMixin):
         after = int(self.valid.sum())
         self.evictions += before - after
         self.all_valid = after == self.valid.numel()
-        self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
+        if self.heads_aligned:  # once heads diverge they are treated as unaligned (a per-head mask)
+            self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
 
     # -- introspection -------------------------------------------------------------------------
     @property
