@@ -67,6 +67,11 @@ def test_at_most_once_and_rows_independent(scenario):
     assert bool((cache.computed[:, width:] == 1).all())
     stats = cache.compute_stats()
     assert stats["computed"] <= stats["baseline"]
+    for idx, layer in enumerate(cache.layers):  # a layer holds exactly the tokens computed there, once each
+        for r in range(ids.shape[0]):
+            held = layer.positions[r][layer.valid[r]].tolist()
+            assert len(held) == len(set(held)), "a position stored twice"
+            assert set(held) == set(torch.nonzero(cache.computed[r, :, idx]).flatten().tolist())
     again, _ = _generate(model, ids, mask, make_lazy_cache(model, policy), steps)
     assert torch.equal(tokens, again), "deterministic"
     for r, n in enumerate(lengths):
