@@ -41,8 +41,8 @@ FRACS = (0.25, 0.5, 0.75)
 #: NLL noise allowed when checking that a larger budget is never worse (nats)
 TOL = 0.01
 EVICTING = [name for name in POLICIES if name != "full"]
-#: A2SF forgetting factors reported beside the default (paper: best usually 0.1-0.3)
-EXTRA_A2SF_ALPHAS = (0.2, 0.3)
+#: A2SF forgetting factors reported beside the default 0.3 (paper: best usually 0.1-0.3)
+EXTRA_A2SF_ALPHAS = (0.1, 0.2)
 
 Getter = Callable[..., FidelityResult]
 
