@@ -185,3 +185,15 @@ def test_make_cache_by_name_and_stats():
     # a plain DynamicCache still runs the original forward on the same (prepared) model
     ref, _ = _generate(model, ids, mask, DynamicCache(), 3)
     assert ref.shape[0] == 2
+
+
+def test_beam_search_and_sampling_without_pruning_match_baseline():
+    model = tiny_model("llama", "sdpa", num_hidden_layers=N_LAYERS)
+    ids, mask = padded_batch([12, 7])
+    for kw in (dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, top_k=20)):
+        outs = []
+        for cache in (DynamicCache(), make_lazy_cache(model, LazyLLM(prune_ratios=(0.0, 0.0, 0.0)))):
+            torch.manual_seed(7)
+            outs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0,
+                                       past_key_values=cache, **kw))
+        assert torch.equal(outs[0], outs[1]), kw
