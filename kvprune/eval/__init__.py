@@ -11,17 +11,20 @@ from .fidelity import (
     sample_sequences,
     teacher_forced_log_probs,
 )
-from .qa import Answer, exact_match, run_qa
+from .qa import Answer, run_qa
+from .tasks import build_suite, exact_match, format_prompt
 
 __all__ = [
     "Answer",
     "FidelityResult",
     "FullReference",
     "budget_tokens",
+    "build_suite",
     "compare",
     "exact_match",
     "fidelity",
     "fidelity_metrics",
+    "format_prompt",
     "full_reference",
     "plot_quality_vs_budget",
     "run_qa",

@@ -12,21 +12,8 @@ import torch
 from ..caches import Budget
 from ..integrations import make_cache
 from ..policies import Policy
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, collapse whitespace, strip punctuation at the ends (exact-match convention)."""
-    return " ".join(text.lower().split()).strip(" .,:;!?\"'")
-
-
-def exact_match(prediction: str, answer: str) -> bool:
-    """True when the normalised prediction equals the normalised answer."""
-    return normalize_answer(prediction) == normalize_answer(answer)
-
-
-def default_prompt(example: dict[str, Any]) -> str:
-    """Context, then the question: the layout the demo model was trained on."""
-    return f"{example['context']} {example['question']}"
+from .tasks import exact_match
+from .tasks import format_prompt as default_prompt
 
 
 @dataclass
@@ -118,7 +105,7 @@ def run_qa(
                 task=str(ex.get("task", "qa")),
                 prediction=text.strip(),
                 answer=str(ex["answer"]),
-                correct=exact_match(text, str(ex["answer"])),
+                correct=bool(exact_match(text, ex["answer"])),
                 prompt_tokens=len(encoded[i]),
                 kv_bytes=kv,
                 prefill_s=prefill_s / len(idx),
