@@ -17,9 +17,9 @@ Phases (run all by default; each can be run alone with --phase):
                measure exact match with greedy decoding (full cache) on held-out documents of 512
                and 2048 tokens, and write the model card ``README.md``.
 
-Uses 2 CPU threads (``--threads``). The loss is the language-model loss on every token that is
-predictable from the context (template words and repeated filler phrases: the dense in-context
-copying signal) plus, with equal weight, the loss on the answers of several questions per document.
+Uses 2 CPU threads (``--threads``). The loss is the language-model loss on every context token but
+the random names, values and document numbers (the repeated filler phrases are the dense in-context
+copying signal) and the answers of several questions per document, as one token-level mean.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kvprune.eval.tasks import (  # noqa: E402
     ALL_WORDS,
+    FILLER,
     NAMES,
     NUMBERS,
     TASKS,
@@ -57,7 +58,7 @@ from kvprune.eval.tasks import (  # noqa: E402
 )
 
 # (sequence length, batch size, steps). Every stage uses ~4096 tokens per step.
-DEFAULT_STAGES = "128x32x250,256x16x250,512x8x900,1024x4x500,2048x2x1000"
+DEFAULT_STAGES = "64x64x400,128x32x250,256x16x250,512x8x700,1024x4x400,2048x2x700"
 TASK_WEIGHTS = {"needle": 1.0, "multikey": 1.0, "multidoc": 1.5, "vartrack": 1.5}
 EVAL_SEED = 1_000_003  # held-out documents (training documents use string seeds "train/<seed>/<step>/<row>")
 PAD, BOS, EOS = 3, 1, 2
@@ -155,7 +156,7 @@ def make_sequence(rng: random.Random, L: int, w2i: dict[str, int]) -> tuple[list
     tasks = list(TASK_WEIGHTS)
     task = rng.choices(tasks, weights=[TASK_WEIGHTS[t] for t in tasks])[0]
     nq = 1 if task == "needle" else rng.randint(1, 4)
-    per_qa = 2 + 11 + 2 + 1 + 1
+    per_qa = 24 + 1 + 1  # longest question field (multidoc), answer, </s>
     while nq > 1 and L - 1 - nq * per_qa < L // 2:
         nq -= 1
     ctx = L - 1 - nq * per_qa
@@ -164,12 +165,18 @@ def make_sequence(rng: random.Random, L: int, w2i: dict[str, int]) -> tuple[list
     except ValueError:  # too short for this task (multidoc at 128 tokens)
         doc = generate_doc("multikey", rng, ctx, n_questions=nq, max_hops=2)
     ids = [BOS] + [w2i[w] for w in doc.words]
-    lm = [-100] + [w2i[w] if m else -100 for w, m in zip(doc.words, doc.mask)]
+    # LM loss on every context word but the random names / values / numbers: the repeated phrase
+    # occurrences carry the in-context copying signal, first occurrences teach the word distribution
+    lm = [-100] + [w2i[w] if (m or w not in _UNPREDICTABLE) else -100 for w, m in zip(doc.words, doc.mask)]
     ans = [-100] * len(ids)
-    for k, (q, a) in enumerate(doc.qas):
-        seg = ["question", ":"] + q + ["answer", ":"]
+    for k, (seg, a) in enumerate(doc.qas):
         ids += [w2i[w] for w in seg]
-        lm += [-100 if (w in _UNPREDICTABLE or (j == 0 and k == 0)) else w2i[w] for j, w in enumerate(seg)]
+        # no loss on the first "question" (where the document ends) nor on the first mention of the
+        # asked name / document number (their repeat in the answer prefix is predictable)
+        seen: set[str] = set()
+        for j, w in enumerate(seg):
+            lm.append(-100 if (j == 0 and k == 0) or (w in _UNPREDICTABLE and w not in seen) else w2i[w])
+            seen.add(w)
         ans += [-100] * len(seg)
         a_ids = [w2i[w] for w in a] + [EOS]
         ids += a_ids
@@ -180,8 +187,38 @@ def make_sequence(rng: random.Random, L: int, w2i: dict[str, int]) -> tuple[list
     return ids + [PAD] * pad, lm + [-100] * pad, ans + [-100] * pad
 
 
-def make_batch(seed: int, step: int, L: int, B: int, w2i: dict[str, int]):
-    rows = [make_sequence(random.Random(f"train/{seed}/{step}/{r}"), L, w2i) for r in range(B)]
+# copy rows use every word kind: values never get an LM target in the documents (they are random), so a
+# copying circuit learned on filler words alone does not transfer to them (answers stayed at chance)
+_COPY_WORDS = list(FILLER) + list(NAMES) + list(VALUES)
+
+
+def make_copy_sequence(rng: random.Random, L: int, w2i: dict[str, int]) -> tuple[list[int], list[int], list[int]]:
+    """Warm-up row: a random run of words (filler, names, values), then the same run again (loss on the repeat).
+
+    Dense, long copy targets make the in-context copying (induction) circuit form within ~150 steps;
+    on the task documents alone (short repeated phrases) it had not formed after 1000 steps. With the
+    answer prefix "the code of <name> is" a one-token match ("is") is ambiguous: the small-pool rows
+    teach the model to match several previous tokens.
+    """
+    n = (L - 1) // 2
+    # half the rows draw from a small pool of words, so one previous token is ambiguous and the copy
+    # must match two or more previous tokens -- what "the code of <name> is" needs (every fact has "is")
+    pool = _COPY_WORDS if rng.random() < 0.5 else rng.sample(_COPY_WORDS, rng.choice([8, 16, 32]))
+    seq = [w2i[rng.choice(pool)] for _ in range(n)]
+    body = seq + seq + seq[: L - 1 - 2 * n]
+    ids = [BOS] + body
+    lm = [-100] * (n + 1) + body[n:]
+    return ids, lm, [-100] * L
+
+
+def make_batch(seed: int, step: int, L: int, B: int, w2i: dict[str, int], copy_frac: float = 0.0):
+    rows = []
+    for r in range(B):
+        rng = random.Random(f"train/{seed}/{step}/{r}")
+        if copy_frac > 0 and rng.random() < copy_frac:
+            rows.append(make_copy_sequence(rng, L, w2i))
+        else:
+            rows.append(make_sequence(rng, L, w2i))
     ids, lm, ans = (torch.tensor([r[i] for r in rows]) for i in range(3))
     return ids, lm, ans
 
@@ -307,15 +344,23 @@ def train(args) -> None:
         mix = random.Random(f"mix/{args.seed}/{step}")
         if si > 0 and mix.random() < args.mix_short:  # keep earlier lengths in the mix
             _, _, L, B = bounds[mix.randrange(si)]
-        ids, lm, ans = make_batch(args.seed, step, L, B, w2i)
+        copy_frac = 1.0 if step < args.copy_steps else args.copy_mix
+        if step < args.copy_steps:
+            L, B = 64, 64
+        ids, lm, ans = make_batch(args.seed, step, L, B, w2i, copy_frac)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, args)
         logits = model(input_ids=ids, attention_mask=(ids != PAD).long()).logits[:, :-1].float()
         lm_t, ans_t = lm[:, 1:], ans[:, 1:]
-        flat = logits.reshape(-1, logits.shape[-1])
-        loss_lm = F.cross_entropy(flat, lm_t.reshape(-1), ignore_index=-100)
-        loss_ans = F.cross_entropy(flat, ans_t.reshape(-1), ignore_index=-100)
-        loss = loss_lm + args.answer_weight * loss_ans
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.where(ans_t >= 0, ans_t, lm_t).reshape(-1),
+                             ignore_index=-100, reduction="none").view(lm_t.shape)
+        is_lm, is_ans = (lm_t >= 0).float(), (ans_t >= 0).float()
+        # one token-level mean: answers are ordinary tokens with weight --answer-weight. (A separate
+        # mean over the few answer tokens swamps the LM gradient and the copying circuit never forms.)
+        weights = is_lm + args.answer_weight * is_ans
+        loss = (ce * weights).sum() / weights.sum()
+        loss_lm = (ce * is_lm).sum() / is_lm.sum().clamp(min=1)
+        loss_ans = (ce * is_ans).sum() / is_ans.sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -387,16 +432,22 @@ data). Four task kinds, sampled with weights {weights}: single needle, multi-key
 per ~96 tokens, 4 relations), multi-document QA (sections `document <k> :` with the asked name also in
 distractor documents), variable tracking (chains `var a = <value>`, `var b = a`, up to 2 hops, with distractor
 chains). Filler is made of random 4–8-word phrases invented per document, each repeated 2–4 times. Each
-training document is followed by 1–4 questions (`question : ... answer : <value> </s>`).
+training document is followed by 1–4 questions with a RULER-style answer prefix
+(`question : what is the code of <name> ? answer : the code of <name> is <value> </s>`).
 
-Loss: cross-entropy on every context token that is predictable from the context (template words,
-repeated phrase occurrences after their first word; not the random names, values, first occurrences)
-plus, with weight {answer_weight}, the cross-entropy on the answers and their `</s>`.
+Loss: one token-level mean cross-entropy over every context token except the random names, values and
+document numbers (repeated phrase occurrences are predictable only by looking back: the dense in-context
+copying signal) and over the answers and their `</s>` (answer tokens weighted {answer_weight}×).
 
 ## Training
 
 - Curriculum (length × batch × steps): {stages}; with probability {mix_short} a step uses an earlier stage's
   length (same tokens per step).
+- Copy warm-up: the first {copy_steps} steps train on rows made of a random run of words (filler, names and
+  values: values never get an LM target in documents, and a copy circuit learned on filler alone left the
+  answers at chance) followed by the same run (the in-context copying circuit forms in ~150 steps this way, and had not formed after 1000
+  steps of task documents alone); half of these rows draw the run from a small pool of 8–32 words, so that
+  copying must match several previous tokens. Afterwards a fraction {copy_mix} of the rows are copy rows.
 - {steps} steps, AdamW (β = 0.9, 0.95, weight decay {wd}), peak LR {lr}, {warmup} warm-up steps, cosine to 10 %,
   gradient clipping 1.0, seed {seed}.
 - Final training loss (EMA): language-model {lm:.3f}, answers {ans:.3f}.
@@ -460,7 +511,7 @@ def export(args) -> None:
     card = CARD.format(
         params=sum(p.numel() for p in model.parameters()) / 1e6, layers=args.layers, hidden=args.hidden,
         heads=args.hidden // 32, kv=args.kv_heads, vocab=len(tok), weights=TASK_WEIGHTS, answer_weight=args.answer_weight,
-        stages=args.stages.replace(",", ", "), mix_short=args.mix_short, steps=final_state["step"], wd=args.weight_decay,
+        stages=args.stages.replace(",", ", "), mix_short=args.mix_short, copy_steps=args.copy_steps, copy_mix=args.copy_mix, steps=final_state["step"], wd=args.weight_decay,
         lr=args.lr, warmup=args.warmup, seed=args.seed, lm=hist["lm"], ans=hist["ans"],
         minutes=final_state["elapsed_s"] / 60, export_step=state["step"], command=cmd, eval_seed=EVAL_SEED,
         rows="\n".join(rows),
@@ -478,15 +529,17 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=1280)
-    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--stages", default=DEFAULT_STAGES, help="LxBxSTEPS,... curriculum")
     p.add_argument("--mix-short", type=float, default=0.25)
+    p.add_argument("--copy-steps", type=int, default=200, help="warm-up steps on pure copy rows (64 tokens)")
+    p.add_argument("--copy-mix", type=float, default=0.2, help="fraction of copy rows after the warm-up")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--answer-weight", type=float, default=1.0)
+    p.add_argument("--answer-weight", type=float, default=2.0, help="per-token weight of answer tokens")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-n", type=int, default=16, help="held-out examples per task for the quick evals")
     p.add_argument("--final-n", type=int, default=50, help="held-out examples per task at 512 (half at 2048)")

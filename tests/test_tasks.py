@@ -70,6 +70,31 @@ def test_lengths_in_demo_tokens(suite):
         assert abs(n - e["length"]) <= 0.01 * e["length"], (e["id"], n)
 
 
+class _CharTokenizer:
+    """A stand-in tokenizer: BOS plus one token per 3 characters of every word."""
+
+    def __call__(self, text):
+        return {"input_ids": [1] + [0 for w in text.split() for _ in range(0, len(w), 3)]}
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("length", [256, 1000])
+def test_lengths_with_another_tokenizer(task, length):
+    tok = _CharTokenizer()
+    for i in range(3):
+        e = generate_example(task, length, 2, index=i, tokenizer=tok)
+        n = len(tok(format_prompt(e))["input_ids"])
+        assert e["length"] == length and length - 2 <= n <= length, (e["id"], n)
+    assert generate_example(task, length, 2, tokenizer=tok) == generate_example(task, length, 2, tokenizer=tok)
+
+
+def test_prompt_layout():
+    e = generate_example("multidoc", 256, 0)
+    assert format_prompt(e) == f"{e['context']} {e['question']}"
+    assert e["question"].startswith("question : in document ") and " ? answer : in document " in e["question"]
+    assert e["question"].endswith(" is")
+
+
 def _facts(text: str) -> list[tuple[str, str, str]]:
     return re.findall(r"the (\w+) of (\w+) is (\w+) \.", text)
 
@@ -79,20 +104,20 @@ def test_answers_are_in_context_and_correct(suite):
         ctx, q, a = e["context"], e["question"], e["answer"]
         assert a in ctx.split()
         if e["task"] in ("needle", "multikey"):
-            rel, name = re.fullmatch(r"what is the (\w+) of (\w+) \?", q).groups()
+            rel, name = re.fullmatch(r"question : what is the (\w+) of (\w+) \? answer : the \1 of \2 is", q).groups()
             values = [v for r, n, v in _facts(ctx) if (r, n) == (rel, name)]
             assert values == [a]
             if e["task"] == "needle":
                 assert len(_facts(ctx)) == 1
         elif e["task"] == "multidoc":
-            doc, name = re.fullmatch(r"in document (\d+) , what is the code of (\w+) \?", q).groups()
+            doc, name = re.fullmatch(r"question : in document (\d+) , what is the code of (\w+) \? answer : in document \1 , the code of \2 is", q).groups()
             sections = dict(re.findall(r"document (\d+) : (.*?)(?= document \d+ :|$)", ctx))
             assert doc in sections
             assert [v for _, n, v in _facts(sections[doc]) if n == name] == [a]
             others = [v for d, s in sections.items() if d != doc for _, n, v in _facts(s) if n == name]
             assert others, "the asked name should also appear in a distractor document"
         else:
-            var = re.fullmatch(r"what is the value of (\w+) \?", q).group(1)
+            var = re.fullmatch(r"question : what is the value of (\w+) \? answer : the value of \1 is", q).group(1)
             env = dict(re.findall(r"var (\w+) = (\w+) \.", ctx))
             assert env[var] != a, "variable tracking should need at least one hop"
             hops = 0
@@ -128,6 +153,8 @@ def test_generate_doc_mask_and_questions():
     assert len(doc.qas) == 3
     assert any(doc.mask) and not all(doc.mask)
     assert len({tuple(q) for q, _ in doc.qas}) == 3
+    for q, a in doc.qas:
+        assert q[:2] == ["question", ":"] and q[-1] == "is" and len(a) == 1
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ in-context-copying signal a small model needs to learn long-range retrieval.
 Every word of the language (made-up words, digits 1-64 and the task punctuation) is a single token
 of the demo tokenizer, so the number of words of a prompt is its number of tokens (plus one BOS).
 An example is a plain dict ``{"id", "task", "context", "question", "answer", "length"}`` where
-``question`` is the prompt's tail (``question : what is the code of <name> ? answer :``), ``length``
+``question`` is the prompt's tail with a RULER-style answer prefix (``question : what is the code of
+<name> ? answer : the code of <name> is``), ``length``
 the target prompt length in tokens, BOS included; the prompt a model reads is
 ``f"{context} {question}"`` (:func:`format_prompt`), after which it should generate the answer (one
 word) and then end of sequence.
@@ -88,7 +89,8 @@ class Doc:
 
     ``mask[i]`` is True where word ``i`` is predictable from the context (template words, repeated
     phrase occurrences after their first word); random names/values and first occurrences are False.
-    ``qas`` lists ``(question_words, answer_words)``; the first one is the example's question.
+    ``qas`` lists ``(question_words, answer_words)``; the question words are the whole prompt tail
+    (``question : ... ? answer : <answer prefix>``); the first pair is the example's question.
     """
 
     task: str
@@ -170,9 +172,14 @@ def _fact(rel: str, name: str, value: str) -> tuple[list[str], list[bool]]:
     return ["the", rel, "of", name, "is", value, "."], [False, False, True, False, True, False, True]
 
 
+def _qa(question: list[str], answer_prefix: list[str], value: str) -> tuple[list[str], list[str]]:
+    """``question : <question> answer : <answer prefix>`` and the answer (RULER-style answer prefix)."""
+    return ["question", ":", *question, "answer", ":", *answer_prefix], [value]
+
+
 def _qa_fact(rel: str, name: str, value: str, doc: str | None = None) -> tuple[list[str], list[str]]:
-    q = (["in", "document", doc, ","] if doc is not None else []) + ["what", "is", "the", rel, "of", name, "?"]
-    return q, [value]
+    where = ["in", "document", doc, ","] if doc is not None else []
+    return _qa(where + ["what", "is", "the", rel, "of", name, "?"], where + ["the", rel, "of", name, "is"], value)
 
 
 def generate_doc(task: str, rng: random.Random, context_words: int, *, n_questions: int = 1,
@@ -256,27 +263,28 @@ def generate_doc(task: str, rng: random.Random, context_words: int, *, n_questio
                   ordered=True, depths=[d for d, _, _ in assigns])
         for c in rng.sample(range(n_chains), min(n_questions, n_chains)):
             vars_, value = chains[c]
-            qas.append((["what", "is", "the", "value", "of", vars_[-1], "?"], [value]))
+            v = vars_[-1]
+            qas.append(_qa(["what", "is", "the", "value", "of", v, "?"], ["the", "value", "of", v, "is"], value))
     assert len(b.words) == context_words, (task, len(b.words), context_words)
     return Doc(task=task, words=b.words, mask=b.mask, qas=qas)
 
 
 def question_text(question_words: Sequence[str]) -> str:
-    """The ``question`` field of an example: ``question : <question words> answer :``."""
-    return " ".join(["question", ":", *question_words, "answer", ":"])
+    """The ``question`` field of an example from its words (markers and answer prefix included)."""
+    return " ".join(question_words)
 
 
 def format_prompt(example: dict[str, Any]) -> str:
     """The text a model reads, ``<context> <question>``; the answer follows it.
 
     For the synthetic tasks the ``question`` field already holds the markers the demo model was
-    trained on (``question : what is the code of <name> ? answer :``), so this is the same layout as
-    ``f"{context} {question}"`` for real suites.
+    trained on and a RULER-style answer prefix (``question : what is the code of <name> ? answer :
+    the code of <name> is``), so this is the same layout as ``f"{context} {question}"`` for real suites.
     """
     return f"{example['context']} {example['question']}"
 
 
-_Q_WORDS = {"needle": 7, "multikey": 7, "multidoc": 11, "vartrack": 7}
+_Q_WORDS = {"needle": 16, "multikey": 16, "multidoc": 24, "vartrack": 16}  # question field, in words
 
 
 def _count_tokens(tokenizer: Any, text: str) -> int:
@@ -309,7 +317,7 @@ def generate_example(task: str, length: int, seed: int, *, max_hops: int = 2, in
             "length": length,
         }
 
-    n_words = length - 1 - (_Q_WORDS[task] + 4)  # BOS, question with its 4 markers
+    n_words = length - 1 - _Q_WORDS[task]  # BOS, question field
     example = make(n_words)
     if tokenizer is None:
         return example
