@@ -1,0 +1,89 @@
+"""The project's demo model (kvprune/demo/model): loads offline like a hub model and answers long-document questions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvprune.demo import DEMO_MODEL_PATH, demo_model_available, load_demo_model
+from kvprune.eval.tasks import NAMES, TASKS, VALUES, build_suite, exact_match, format_prompt
+
+pytestmark = pytest.mark.skipif(
+    not demo_model_available(),
+    reason=f"demo model folder absent or incomplete ({DEMO_MODEL_PATH}); rebuild it with `python scripts/train_demo.py`",
+)
+
+HELDOUT_SEED = 424242  # never used in training (training documents come from generate_doc with other seeds)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    torch.manual_seed(0)
+    return load_demo_model()
+
+
+def test_folder_is_a_small_safetensors_model_with_a_card():
+    files = {p.name for p in DEMO_MODEL_PATH.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".py")) for f in files)
+    assert (DEMO_MODEL_PATH / "model.safetensors").stat().st_size <= 20 * 2**20
+    config = json.loads((DEMO_MODEL_PATH / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["max_position_embeddings"] >= 2048
+    assert "auto_map" not in config
+    card = (DEMO_MODEL_PATH / "README.md").read_text()
+    for needle in ("seed", "steps", "Wall time", "| 512 |", "| 2048 |", "scripts/train_demo.py"):
+        assert needle in card
+
+
+def test_loads_offline_without_sentencepiece():
+    code = (
+        "import sys; sys.modules['sentencepiece'] = None\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"p = {str(DEMO_MODEL_PATH)!r}\n"
+        "tok = AutoTokenizer.from_pretrained(p, local_files_only=True)\n"
+        "m = AutoModelForCausalLM.from_pretrained(p, local_files_only=True)\n"
+        f"ids = tok('the code of {NAMES[0]} is').input_ids\n"
+        "assert ids[0] == tok.bos_token_id and len(ids) == 6, ids\n"
+        "print(type(m).__name__, tok.eos_token_id, tok.pad_token_id)\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "", "HOME": "/tmp"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["LlamaForCausalLM", "2", "3"]
+
+
+def test_load_demo_model(demo):
+    model, tok = demo
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert model.config._attn_implementation == "sdpa"
+    text = f"the code of {NAMES[0]} is {VALUES[0]} ."
+    ids = tok(text).input_ids
+    assert len(ids) == 1 + len(text.split())  # one token per word, plus BOS
+    assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def _greedy_exact_match(model, tok, examples) -> float:
+    prompts = [format_prompt(e) for e in examples]
+    enc = tok(prompts, return_tensors="pt")  # equal lengths by construction: no padding
+    assert enc.input_ids.shape[1] == examples[0]["length"]
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    preds = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    return sum(exact_match(p, e["answer"]) for p, e in zip(preds, examples)) / len(examples)
+
+
+def test_answers_held_out_documents_512(demo):
+    model, tok = demo
+    examples = build_suite(seed=HELDOUT_SEED, n_per_task=5, lengths=(512,))
+    assert {e["task"] for e in examples} == set(TASKS)
+    assert _greedy_exact_match(model, tok, examples) >= 0.9
+
+
+def test_answers_held_out_documents_2048(demo):
+    model, tok = demo
+    examples = build_suite(seed=HELDOUT_SEED, n_per_task=2, lengths=(2048,))
+    assert _greedy_exact_match(model, tok, examples) >= 0.75
