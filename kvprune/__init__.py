@@ -13,8 +13,10 @@ from .errors import (
 )
 from .integrations import SUPPORTED_MODEL_TYPES, make_cache, prepare_model
 from .caches.lazy import LazyCache
+from .caches.spatten import SpAttenCache
 from .policies.lazyllm import LazyLLM
-from .policies import A2SF, H2O, POLICIES, TOVA, FullCache, KNorm, Policy, RandomPolicy, SnapKV, StreamingLLM, build_policy
+from .policies.spatten import SpAtten
+from .policies import A2SF, H2O, METHODS, POLICIES, TOVA, FullCache, KNorm, Policy, RandomPolicy, SnapKV, StreamingLLM, build_policy
 
 __version__ = "0.1.0"
 
@@ -35,10 +37,13 @@ __all__ = [
     "LazyCache",
     "LazyLLM",
     "KVPruneError",
+    "METHODS",
     "Policy",
     "PruningCache",
     "RandomPolicy",
     "SnapKV",
+    "SpAtten",
+    "SpAttenCache",
     "StreamingLLM",
     "UnknownPolicyError",
     "UnsupportedArchitectureError",

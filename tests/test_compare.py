@@ -52,6 +52,23 @@ def test_compare_qa_columns_and_plot():
     assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} == {"a2sf", "random", "full cache"}
 
 
+def test_compare_runs_the_three_papers_methods():
+    """SpAtten takes a KV-memory fraction (out-of-reach ones are skipped with a warning); LazyLLM runs once."""
+    model = tiny_model("llama", "sdpa", num_hidden_layers=4)
+    examples = [
+        {"id": str(i), "task": "toy", "context": "abc " * (10 + i), "question": "q?", "answer": "zz"} for i in range(2)
+    ]
+    with pytest.warns(UserWarning, match="spatten skipped at budget 0.1"):
+        df = compare(model, CharTokenizer(), task=examples, policies=["spatten", "lazyllm", "a2sf"],
+                     budgets=[0.1, 0.6], batch_size=2)
+    assert list(df.columns) == COLUMNS
+    runs = sorted(zip(df.policy, df.budget.fillna(-1)))
+    assert runs == [("a2sf", 0.1), ("a2sf", 0.6), ("full", -1), ("lazyllm", -1), ("spatten", 0.6)]
+    full_kv = float(df.loc[df.policy == "full", "kv_bytes"].iloc[0])
+    spatten_kv = float(df.loc[df.policy == "spatten", "kv_bytes"].iloc[0])
+    assert spatten_kv < 0.75 * full_kv
+
+
 @needs_stories
 def test_compare_fidelity_task():
     from kvprune.integrations.llama2c import load_llama2c

@@ -117,7 +117,8 @@ def get(model: torch.nn.Module, sequences: torch.Tensor, reference: FullReferenc
     def run(policy: str, frac: float | None, **params: Any) -> FidelityResult:
         key = (policy, frac, tuple(sorted(params.items())))
         if key not in memo:
-            budget = None if frac is None else budget_tokens(frac, LENGTH)
+            # SpAtten's budget is the fraction of KV memory kept (averaged over layers), not a token count
+            budget = None if frac is None else frac if policy == "spatten" else budget_tokens(frac, LENGTH)
             memo[key] = fidelity(model, sequences, policy, budget, prompt_len=PROMPT_LEN, reference=reference, **params)
         return memo[key]
 
@@ -204,22 +205,44 @@ def test_accumulated_attention_beats_random_at_25_percent(get: Getter, policy: s
     )
 
 
+#: stories260K has 5 layers: with the default token_start (0.15 -> layer 1) layers 0-1 keep every
+#: token and 25 % of the KV memory is out of reach, so the comparison starts pruning after layer 0
+SPATTEN = {"token_start": 0.0}
+
+
+@needs_fixture
+def test_spatten_at_equal_kv_memory(get: Getter) -> None:
+    """SpAtten next to H2O, A2SF and random at the same KV bytes; its scores beat random scores in the same cascade."""
+    for f in FRACS:
+        sp, h2o = get("spatten", f, **SPATTEN), get("h2o", f)
+        assert abs(sp.kv_bytes - h2o.kv_bytes) <= 0.02 * sp.kv_bytes_full, (f, sp.kv_bytes, h2o.kv_bytes)
+        assert 0.0 <= sp.greedy_agreement <= 1.0 and sp.kl >= 0.0
+    for f in (0.5, 0.75):  # at 25 % both are far from the full cache (NLL increase > 4 nats)
+        ours, ablation = get("spatten", f, **SPATTEN), get("spatten", f, importance="random", **SPATTEN)
+        assert ours.nll_increase < ablation.nll_increase, (f, ours.nll_increase, ablation.nll_increase)
+    inc = [get("spatten", f, **SPATTEN).nll_increase for f in FRACS]
+    assert inc[0] > inc[1] > inc[2] > 0
+
+
 @needs_fixture
 def test_print_table(get: Getter, reference: FullReference) -> None:
     """All policies x budgets, for ``pytest -s``; nothing asserted about their order."""
     rows = [("full", {})] + [(p, {}) for p in EVICTING] + [("a2sf", {"alpha": a}) for a in EXTRA_A2SF_ALPHAS]
+    rows += [("spatten", SPATTEN), ("spatten", {**SPATTEN, "importance": "random"})]
     budgets = ", ".join(f"{f:.0%}={budget_tokens(f, LENGTH)}" for f in FRACS)
     nll_full = get("full", None).nll_full
     lines = [
         f"\nfidelity on stories260K: {N_SEQ} sampled sequences x {LENGTH} tokens, prompt {PROMPT_LEN}, "
         f"{N_SEQ * (LENGTH - PROMPT_LEN)} scored tokens, full-cache NLL {nll_full:.4f}; budgets {budgets}",
-        f"{'policy':<16}" + "".join(f" | {f'{f:.0%}: dNLL  agree     KL':>30}" for f in FRACS),
+        f"{'policy':<16}" + "".join(f" | {f'{f:.0%}: dNLL  agree     KL':>30}" for f in FRACS)
+        + " | KV kept at each budget",
     ]
     for policy, params in rows:
-        label = policy + "".join(f" {k}={v}" for k, v in params.items())
+        label = policy + "".join(f" {k}={v}" for k, v in params.items() if k != "token_start")
         cells = []
         for f in FRACS:
             r = get(policy, None if policy == "full" else f, **params)
             cells.append(f" | {r.nll_increase:>15.4f} {r.greedy_agreement:>6.3f} {r.kl:>7.4f}")
-        lines.append(f"{label:<16}" + "".join(cells))
+        kv = " ".join(f"{get(policy, None if policy == 'full' else f, **params).kv_bytes / get('full', None).kv_bytes:.3f}" for f in FRACS)
+        lines.append(f"{label:<16}" + "".join(cells) + f" | {kv}")
     print("\n".join(lines))

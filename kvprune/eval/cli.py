@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..policies import POLICIES
+from ..policies import METHODS
 
 
 def _budget(text: str) -> int | float | None:
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--task", default="longqa", help=argparse.SUPPRESS)
     p.add_argument("--file", help="RULER-style JSONL of QA examples")
-    p.add_argument("--policy", default="a2sf", choices=sorted(POLICIES))
+    p.add_argument("--policy", default="a2sf", choices=METHODS)
     p.add_argument("--budget", type=_budget, default=0.25)
     p.add_argument("--params", help="policy parameters, e.g. alpha=0.1,n_sink=4")
     p.add_argument("--n-examples", type=int, default=4)
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="one prompt with any local or hub model path")
     common(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--policy", default="a2sf", choices=sorted(POLICIES))
+    p.add_argument("--policy", default="a2sf", choices=METHODS)
     p.add_argument("--budget", type=_budget, default=256)
     p.add_argument("--params", help="policy parameters, e.g. alpha=0.1")
     p.add_argument("--max-new-tokens", type=int, default=32)

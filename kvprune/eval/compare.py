@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as pd
 import torch
 
-from ..policies import POLICIES
+from ..errors import InvalidBudgetError
+from ..policies import METHODS
 
-DEFAULT_POLICIES: tuple[str, ...] = ("a2sf", "h2o", "tova", "snapkv", "streaming", "knorm", "random")
+DEFAULT_POLICIES: tuple[str, ...] = (
+    "a2sf", "h2o", "spatten", "lazyllm", "tova", "snapkv", "streaming", "knorm", "random",
+)
 DEFAULT_BUDGETS: tuple[float, ...] = (0.1, 0.25, 0.5)
 #: policies that take no KV budget: run once, reported with budget NaN
 UNBUDGETED = ("full", "lazyllm")
 COLUMNS = ["task", "policy", "budget", "metric", "value", "kv_bytes", "prefill_s", "decode_s", "n"]
 #: small protected windows so that low budgets on short documents stay valid
-DEFAULT_PARAMS: dict[str, dict[str, Any]] = {"snapkv": {"window": 16}, "streaming": {"n_sink": 4}}
+#: SpAtten prunes from layer 1 on, so that small models (4-6 layers) can reach low KV fractions
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "snapkv": {"window": 16}, "streaming": {"n_sink": 4}, "spatten": {"token_start": 0.0},
+}
 
 
 def _policy_params(name: str, params: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
@@ -86,15 +93,16 @@ def compare(
     ``task`` is ``"longqa"`` (the generated long-document QA suite, needs ``tokenizer``), a list of
     QA examples (``context``/``question``/``answer`` dicts), or ``"fidelity"`` (NLL increase,
     greedy agreement and KL against the full cache on sequences sampled from ``model``).
-    Budgets are token counts (int) or ratios of the tokens seen (float). The full cache appears
-    once with budget NaN. Columns: ``task, policy, budget, metric, value, kv_bytes, prefill_s,
+    Budgets are token counts (int) or ratios of the tokens seen (float); for ``"spatten"`` a
+    float is the fraction of KV memory kept (averaged over layers), and a budget out of its reach
+    is skipped with a warning. The full cache and LazyLLM (no KV budget) appear once with budget NaN. Columns: ``task, policy, budget, metric, value, kv_bytes, prefill_s,
     decode_s, n``.
     """
-    unknown = [p for p in policies if p not in POLICIES and p not in UNBUDGETED]
+    unknown = [p for p in policies if p not in METHODS]
     if unknown:
         from ..errors import UnknownPolicyError
 
-        valid = ", ".join(sorted({*POLICIES, *UNBUDGETED}))
+        valid = ", ".join(METHODS)
         raise UnknownPolicyError(f"unknown policies {unknown}; valid names: {valid}")
     runs: list[tuple[str, int | float | None]] = [("full", None)] if include_full else []
     runs += [(p, None) for p in policies if p in UNBUDGETED and p != "full"]
@@ -107,7 +115,7 @@ def compare(
         prompt_len = sequence_length // 2
         reference = full_reference(model, sequences, prompt_len=prompt_len)
         work = lambda p, b, tick: _fidelity_rows(  # noqa: E731
-            model, sequences, reference, prompt_len, p, _absolute(b, sequence_length), _policy_params(p, policy_params)
+            model, sequences, reference, prompt_len, p, _absolute(b, sequence_length, p), _policy_params(p, policy_params)
         )
         units = 1
     else:
@@ -134,7 +142,17 @@ def compare(
     tick = bar.update if bar is not None else (progress if callable(progress) else None)
     rows = []
     for policy, budget in runs:
-        for row in work(policy, budget, tick or (lambda n: None)):
+        try:
+            produced = work(policy, budget, tick or (lambda n: None))
+        except InvalidBudgetError as e:
+            if policy != "spatten":
+                raise
+            # SpAtten's early layers keep every token: a low KV fraction can be out of its reach
+            warnings.warn(f"spatten skipped at budget {budget}: {e}", stacklevel=2)
+            produced = []
+            if task != "fidelity":
+                (tick or (lambda n: None))(units)
+        for row in produced:
             rows.append({"policy": policy, "budget": math.nan if budget is None else budget, **row})
         if bar is not None and task == "fidelity":
             bar.update(1)
@@ -143,9 +161,10 @@ def compare(
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _absolute(budget: int | float | None, length: int) -> int | float | None:
-    """Fidelity sequences have a fixed length, so a ratio is turned into a fixed token count."""
-    if budget is None or isinstance(budget, int):
+def _absolute(budget: int | float | None, length: int, policy: str = "") -> int | float | None:
+    """Fidelity sequences have a fixed length, so a ratio is turned into a fixed token count
+    (SpAtten keeps its ratio: it is the fraction of KV memory kept, averaged over layers)."""
+    if budget is None or isinstance(budget, int) or policy == "spatten":
         return budget
     return max(1, round(budget * length))
 

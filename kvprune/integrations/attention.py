@@ -173,6 +173,10 @@ def kvprune_attention(
     b, _, q, _ = query.shape
     s = key.shape[-2]
     layer: PruningLayer | None = getattr(key, "_kvprune_layer", None)
+    if getattr(layer, "is_spatten", False) and layer.pending == q:
+        from .spatten import spatten_attention
+
+        return spatten_attention(layer, query, backend, scaling, sliding_window), None
     new_valid = _padding_of_new_tokens(attention_mask, q, b)
 
     if layer is not None and layer.pending == q:

@@ -9,7 +9,6 @@ per layer over the whole generation.
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -95,22 +94,10 @@ def lazy_forward(
 def prepare_lazy(model: torch.nn.Module) -> torch.nn.Module:
     """Route ``model``'s attention through kvprune and its decoder stack through :func:`lazy_forward`
     whenever the cache passed is a :class:`LazyCache` (any other cache runs the original forward)."""
+    from .forward import prepare_stepwise
+
     prepare_model(model)
-    base = model.model
-    if getattr(base, "_kvprune_lazy", False):
-        return model
-    original = base.forward
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, **kwargs: Any):
-        if isinstance(past_key_values, LazyCache):
-            return lazy_forward(self, past_key_values, input_ids, attention_mask, position_ids, inputs_embeds)
-        return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
-
-    base.forward = types.MethodType(forward, base)
-    base._kvprune_lazy = True
-    return model
+    return prepare_stepwise(model)
 
 
 def make_lazy_cache(model: torch.nn.Module, policy: LazyLLM | None = None, **params: Any) -> LazyCache:

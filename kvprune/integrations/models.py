@@ -8,6 +8,7 @@ import torch
 
 from ..caches import ATTN_PREFIX, Budget, PruningCache
 from ..caches.lazy import LazyCache
+from ..caches.spatten import SpAttenCache
 from ..errors import InvalidParameterError, UnsupportedArchitectureError
 from ..policies import Policy
 from .attention import BACKENDS, register
@@ -50,15 +51,24 @@ def make_cache(
     *,
     backend: str | None = None,
     **policy_params: Any,
-) -> PruningCache | LazyCache:
+) -> PruningCache | LazyCache | SpAttenCache:
     """Prepare ``model`` and return a fresh cache for one ``generate`` conversation.
 
     ``policy="lazyllm"`` (or a :class:`~kvprune.policies.lazyllm.LazyLLM`) returns a
     :class:`~kvprune.caches.lazy.LazyCache` (no budget: LazyLLM saves compute, not memory);
-    every other policy a :class:`PruningCache`.
+    ``policy="spatten"`` (or a :class:`~kvprune.policies.spatten.SpAtten`) returns a
+    :class:`~kvprune.caches.spatten.SpAttenCache`; its optional ``budget`` is the fraction of KV
+    memory kept (averaged over layers), which sets the token pruning ratio.
+    Every other policy returns a :class:`PruningCache`.
     """
     check_architecture(model.config)
     from ..policies.lazyllm import LazyLLM
+    from ..policies.spatten import SpAtten
+
+    if isinstance(policy, SpAtten) or policy == "spatten":
+        from .spatten import make_spatten_cache
+
+        return make_spatten_cache(model, policy if isinstance(policy, SpAtten) else None, budget, backend=backend, **policy_params)
 
     if isinstance(policy, LazyLLM) or policy == "lazyllm":
         if budget is not None:

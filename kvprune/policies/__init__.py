@@ -19,6 +19,8 @@ from .tova import TOVA
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls for cls in (FullCache, StreamingLLM, H2O, TOVA, SnapKV, KNorm, RandomPolicy, A2SF)
 }
+#: every method ``kvprune.make_cache`` accepts by name: the eviction policies plus LazyLLM and SpAtten
+METHODS: tuple[str, ...] = tuple(sorted({*POLICIES, "lazyllm", "spatten"}))
 
 
 def build_policy(policy: str | Policy, **params: Any) -> Policy:
@@ -43,6 +45,7 @@ __all__ = [
     "A2SF",
     "H2O",
     "KNorm",
+    "METHODS",
     "OBSERVATIONS",
     "POLICIES",
     "FullCache",

@@ -1,0 +1,38 @@
+"""One wrapper on the decoder stack's forward that hands LazyLLM and SpAtten caches to their own step.
+
+Any other cache (or none) runs the model's original forward untouched.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+
+from ..caches.lazy import LazyCache
+from ..caches.spatten import SpAttenCache
+
+
+def prepare_stepwise(model: torch.nn.Module) -> torch.nn.Module:
+    """Wrap ``model.model.forward`` once (idempotent): LazyCache -> lazy_forward, SpAttenCache -> spatten_forward."""
+    from .lazyllm import lazy_forward
+    from .spatten import spatten_forward
+
+    base = model.model
+    if getattr(base, "_kvprune_stepwise", False):
+        return model
+    original = base.forward
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, **kwargs: Any):
+        if isinstance(past_key_values, LazyCache):
+            return lazy_forward(self, past_key_values, input_ids, attention_mask, position_ids, inputs_embeds)
+        if isinstance(past_key_values, SpAttenCache):
+            return spatten_forward(self, past_key_values, input_ids, attention_mask, position_ids, inputs_embeds)
+        return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
+
+    base.forward = types.MethodType(forward, base)
+    base._kvprune_stepwise = True
+    return model
