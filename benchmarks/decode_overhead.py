@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from decode_throughput import time_decode
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvprune
@@ -35,13 +35,7 @@ def main() -> None:
     ids = torch.randint(3, 1024, (1, args.context))
 
     def per_step(make):
-        cache = make()
-        with torch.no_grad():
-            nxt = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                nxt = model(input_ids=nxt, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
-        return (time.perf_counter() - t) / args.steps * 1000
+        return time_decode(model, ids, make(), args.steps) * 1000
 
     runs = {
         "DynamicCache": lambda: (model.set_attn_implementation("sdpa"), DynamicCache())[1],

@@ -64,6 +64,13 @@ def tiny_model(arch: str = "llama", attn: str = "sdpa", dtype: torch.dtype = tor
     return model
 
 
+def generate_logits(model, ids, mask, cache, n: int = 6, **kw):
+    """Greedy ``generate`` with ``cache``: (sequences, logits ``[B, n, V]``)."""
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                         past_key_values=cache, output_logits=True, return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
 def padded_batch(lengths: list[int], seed: int = 0, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``input_ids`` and ``attention_mask`` for prompts of the given lengths."""
     g = torch.Generator().manual_seed(seed)

@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 from conftest import ARCHS, padded_batch, tiny_model
+from conftest import generate_logits as _generate
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers import DynamicCache
@@ -17,12 +18,6 @@ from kvprune.policies.lazyllm import LazyLLM
 
 pytestmark = pytest.mark.integration
 N_LAYERS = 4
-
-
-def _generate(model, ids, mask, cache, n=6):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
-                         past_key_values=cache, output_logits=True, return_dict_in_generate=True)
-    return out.sequences, torch.stack(out.logits, 1)
 
 
 @pytest.mark.parametrize("lengths", [[19], [19, 12, 5]], ids=["batch1", "batch3_leftpad"])

@@ -8,6 +8,7 @@ import functools
 import pytest
 import torch
 from conftest import ARCHS, padded_batch, tiny_model
+from conftest import generate_logits as _generate
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import position_ids_from_mask
@@ -22,12 +23,6 @@ from kvprune.policies.spatten import SpAtten
 
 pytestmark = pytest.mark.integration
 N_LAYERS = 4
-
-
-def _generate(model, ids, mask, cache, n=6, **kw):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
-                         past_key_values=cache, output_logits=True, return_dict_in_generate=True, **kw)
-    return out.sequences, torch.stack(out.logits, 1)
 
 
 # -- exactness ----------------------------------------------------------------------------------
@@ -141,7 +136,7 @@ def test_cascade_budget_and_rows_independent(scenario):
     for r in range(len(lengths)):
         for h in range(model.config.num_attention_heads):
             d = int(cache.head_depth[r, h])
-            assert all(bool(a[r, h]) == (l < d) for l, a in enumerate(cache.active_heads()))
+            assert all(bool(a[r, h]) == (i < d) for i, a in enumerate(cache.active_heads()))
     again, _ = _generate(model, ids, mask, kvprune.make_cache(model, policy), steps, min_new_tokens=steps)
     assert torch.equal(tokens, again), "deterministic"
     width = ids.shape[1]

@@ -18,6 +18,15 @@ from .budget import Budget
 INDEX_DTYPE = torch.int32
 
 
+def take_slots(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``t[b, h, keep[b, h, c], :]`` as ``[B, H, C, D]``: one row-wise ``index_select`` (several times faster
+    than ``gather`` with an index expanded over ``D``, which reads an index per element)."""
+    b, h, s, d = t.shape
+    base = torch.arange(b * h, device=t.device).view(b, h, 1) * s
+    flat = (keep.long() + base).reshape(-1)
+    return t.reshape(b * h * s, d).index_select(0, flat).view(b, h, keep.shape[-1], d)
+
+
 def _is_compiling() -> bool:
     return bool(getattr(torch, "compiler", None) and torch.compiler.is_compiling())
 
@@ -221,9 +230,8 @@ class PruningLayer(CacheLayerMixin):
             order = eff.sort(dim=-1, descending=True, stable=True).indices[..., :cap]
             keep, perm = order.sort(dim=-1)
         before = int(self.valid.sum())
-        idx = keep[..., None]
-        self.keys = self.keys.gather(2, idx.expand(-1, -1, -1, self.keys.shape[-1]))
-        self.values = self.values.gather(2, idx.expand(-1, -1, -1, self.values.shape[-1]))
+        self.keys = take_slots(self.keys, keep)
+        self.values = take_slots(self.values, keep)
         for name in ("positions", "ranks", "valid", "scores"):
             setattr(self, name, getattr(self, name).gather(2, keep))
         # a row whose own budget is below the widest row's keeps its surplus slots as padding

@@ -12,20 +12,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..errors import BatchMismatchError, UnsupportedGenerationModeError
+from ..errors import BatchMismatchError
 from ..policies.lazyllm import LazyLLM
 from .cache import CacheStats
+from .stepwise import StepwiseCache, StepwiseLayer
 
 
-class LazyLayer(CacheLayerMixin):
+class LazyLayer(StepwiseLayer):
     """KV of the tokens computed at one layer; the lazy forward says which queries come and which keys count."""
 
-    is_compileable = False
-    is_sliding = False
-    is_croppable = False
-    supports_early_init = False
+    METHOD = "LazyLLM"
     heads_aligned = True  # one token set per row, shared by the heads
     all_valid = False  # always build the mask (selection changes per step)
 
@@ -116,22 +113,8 @@ class LazyLayer(CacheLayerMixin):
         self.importance = imp[:, :n_tokens]
 
     # -- transformers' layer contract ---------------------------------------------------------------
-    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
-        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
-        return q, 0
-
     def get_seq_length(self) -> int:
         return 0 if not self.is_initialized else int(self.positions.max().item() + 1) if self.positions.numel() else 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    get_max_cache_shape = get_max_length  # transformers < 5.3
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise UnsupportedGenerationModeError(
-            "a LazyLLM cache cannot be rolled back, so assisted/speculative decoding is not supported"
-        )
 
     def select_rows(self, index: torch.Tensor) -> None:
         if self.is_initialized:
@@ -139,8 +122,10 @@ class LazyLayer(CacheLayerMixin):
                 setattr(self, name, getattr(self, name).index_select(0, index.to(self.device)))
 
 
-class LazyCache(Cache):
+class LazyCache(StepwiseCache):
     """The cache ``model.generate`` carries for LazyLLM: KV per layer and the Aux Cache of hidden states."""
+
+    ROW_STATE = ("hidden", "depth", "token_valid", "rope_pos", "computed")
 
     def __init__(self, policy: LazyLLM, num_layers: int) -> None:
         self.policy = policy
@@ -172,41 +157,8 @@ class LazyCache(Cache):
             rope_pos=rope_pos,
             computed=torch.zeros((b, q, len(self.layers)), dtype=torch.int32, device=embeds.device),
         )
-        for name, value in new.items():
-            old = getattr(self, name)
-            setattr(self, name, value if old is None else torch.cat([old, value], dim=1))
+        self.append_state(new)
         self.n_seen += q
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.n_seen
-
-    def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
-        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
-        return self.n_seen + q, 0
-
-    def crop(self, *args: Any, **kwargs: Any) -> None:
-        self.layers[0].crop(0)
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    def _select_rows(self, index: torch.Tensor) -> None:
-        for layer in self.layers:
-            layer.select_rows(index)
-        if self.hidden is not None:
-            for name in ("hidden", "depth", "token_valid", "rope_pos", "computed"):
-                setattr(self, name, getattr(self, name).index_select(0, index.to(self.hidden.device)))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.hidden is not None:
-            self._select_rows(torch.arange(self.hidden.shape[0]).repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(torch.as_tensor(indices))
 
     def stats(self) -> CacheStats:
         """What the cache holds (LazyLLM evicts nothing; the Aux Cache counts as metadata)."""

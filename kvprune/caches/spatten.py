@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..errors import BatchMismatchError, UnsupportedGenerationModeError
+from ..errors import BatchMismatchError
 from ..policies.random import hash_uniform
 from ..policies.spatten import SpAtten
 from .cache import CacheStats
+from .stepwise import StepwiseCache, StepwiseLayer
 from .quant import QTensor, cat, dequantize, quantize
 
 Stored = torch.Tensor | QTensor
@@ -49,17 +49,14 @@ class SpAttenCounters:
     rows: int = 0  # attention rows (query, head) computed
     rows_refetched: int = 0  # rows recomputed with the LSBs
     bytes_read: float = 0.0  # K/V bytes read by the attention (MSB, LSB refetches, or float)
-    bytes_read_full: float = 0.0  # K/V bytes a float cache without pruning would read
+    bytes_read_full: float = 0.0  # K/V bytes a float cache without any pruning would read (per query head)
     per_layer_tokens: list[int] = field(default_factory=list)
 
 
-class SpAttenLayer(CacheLayerMixin):
+class SpAttenLayer(StepwiseLayer):
     """KV of the tokens (and KV heads) present at one layer; slots are unordered, masks come from positions."""
 
-    is_compileable = False
-    is_sliding = False
-    is_croppable = False
-    supports_early_init = False
+    METHOD = "SpAtten"
     is_spatten = True
 
     def __init__(self, layer_idx: int, cache: SpAttenCache) -> None:
@@ -170,22 +167,8 @@ class SpAttenLayer(CacheLayerMixin):
             allowed &= kpos > qpos - sliding_window
         return allowed | ((kpos == qpos) & (qpos < 0))
 
-    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
-        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
-        return q, 0
-
     def get_seq_length(self) -> int:
         return self.cache.n_seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    get_max_cache_shape = get_max_length  # transformers < 5.3
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise UnsupportedGenerationModeError(
-            "a SpAtten cache cannot be rolled back (pruned tokens are gone), so assisted/speculative decoding is not supported"
-        )
 
     def select_rows(self, index: torch.Tensor) -> None:
         if self.is_initialized:
@@ -201,8 +184,10 @@ class SpAttenLayer(CacheLayerMixin):
         return sum(t.nbytes if isinstance(t, (torch.Tensor, QTensor)) else 0 for t in (self.keys, self.values))
 
 
-class SpAttenCache(Cache):
+class SpAttenCache(StepwiseCache):
     """The cache ``model.generate`` carries for SpAtten (build it with ``kvprune.make_cache(model, "spatten")``)."""
+
+    ROW_STATE = ("token_valid", "depth", "score", "head_depth", "head_score")
 
     def __init__(self, policy: SpAtten, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
         self.policy = policy
@@ -220,6 +205,7 @@ class SpAttenCache(Cache):
         self.head_depth: torch.Tensor | None = None  # [B, Hq] layers that compute the head
         self.head_score: torch.Tensor | None = None  # [B, Hq] cumulative L1 of the head's output
         self.counters = SpAttenCounters(per_layer_tokens=[0] * len(self.layers))
+        self.step_full_pairs = 0  # set by the forward each step: the unpruned (query, key) pairs of a layer
 
     def reset(self) -> None:
         super().reset()
@@ -236,9 +222,7 @@ class SpAttenCache(Cache):
             "depth": torch.where(valid, n_layers, 0),
             "score": torch.zeros((b, q), dtype=torch.float32, device=valid.device),
         }
-        for name, value in new.items():
-            old = getattr(self, name)
-            setattr(self, name, value if old is None else torch.cat([old, value], dim=1))
+        self.append_state(new)
         if self.head_depth is None:
             self.head_depth = torch.full((b, self.num_heads), n_layers, dtype=torch.long, device=valid.device)
             self.head_score = torch.zeros((b, self.num_heads), dtype=torch.float32, device=valid.device)
@@ -275,46 +259,14 @@ class SpAttenCache(Cache):
             self.head_depth = torch.where(present & ~keep, nxt, self.head_depth)
 
     # -- transformers' cache contract -------------------------------------------------------------
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.n_seen
-
-    def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
-        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
-        return self.n_seen + q, 0
-
-    def crop(self, *args: Any, **kwargs: Any) -> None:
-        self.layers[0].crop(0)
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    def _select_rows(self, index: torch.Tensor) -> None:
-        for layer in self.layers:
-            layer.select_rows(index)
-        if self.token_valid is not None:
-            index = index.to(self.token_valid.device)
-            for name in ("token_valid", "depth", "score", "head_depth", "head_score"):
-                setattr(self, name, getattr(self, name).index_select(0, index))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.token_valid is not None:
-            self._select_rows(torch.arange(self.token_valid.shape[0]).repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(torch.as_tensor(indices))
-
     # -- reporting --------------------------------------------------------------------------------
     def kept_tokens(self) -> list[torch.Tensor]:
         """Per layer, ``[B]`` tokens present (their KV is held there)."""
-        return [((self.depth > l) & self.token_valid).sum(-1) for l in range(len(self.layers))]
+        return [((self.depth > i) & self.token_valid).sum(-1) for i in range(len(self.layers))]
 
     def active_heads(self) -> list[torch.Tensor]:
         """Per layer, ``[B, Hq]`` True where the query head is computed."""
-        return [self.head_depth > l for l in range(len(self.layers))]
+        return [self.head_depth > i for i in range(len(self.layers))]
 
     def stats(self) -> CacheStats:
         layers = [layer for layer in self.layers if layer.is_initialized]

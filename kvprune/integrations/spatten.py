@@ -47,7 +47,8 @@ def spatten_forward(
     cache.append_tokens(valid)
     n_valid = cache.token_valid.sum(-1)  # [B]
     k_new = valid.sum(-1)
-    full_pairs = int((k_new * n_valid - k_new * (k_new - 1) // 2).sum()) * cache.num_heads  # causal (query, key) pairs
+    # what an unpruned cache would do this step, per layer: causal (query, key) pairs over every head
+    cache.step_full_pairs = int((k_new * n_valid - k_new * (k_new - 1) // 2).sum()) * cache.num_heads
     rows = torch.arange(b, device=hidden.device)[:, None]
     for idx, layer in enumerate(base.layers[: len(cache.layers)]):
         local, qvalid = _pack_left(valid & (cache.depth[:, start:] > idx))
@@ -60,7 +61,6 @@ def spatten_forward(
         out = out[0] if isinstance(out, tuple) else out
         bi, pi = rows.expand_as(local)[qvalid], local[qvalid]
         hidden[bi, pi] = out[qvalid].to(hidden.dtype)
-        cache.counters.qk_products_full += full_pairs
         cache.counters.per_layer_tokens[idx] += int(qvalid.sum())
         cache.prune_after(idx)
     done = (cache.depth[:, start:] == len(cache.layers))[..., None]
@@ -153,7 +153,7 @@ def spatten_attention(
                     keys_full = _Lazy(layer.full_keys)
                     values_full = _Lazy(layer.full_values)
                 p, o, low = progressive_rows(
-                    qg[:, :, s0:s1], kg, vg, lambda j=j: (keys_full()[:, j], values_full()[:, j]), rows_allowed, scaling,
+                    qg[:, :, s0:s1], kg, vg, lambda j=j, kf=keys_full, vf=values_full: (kf()[:, j], vf()[:, j]), rows_allowed, scaling,
                     policy.tau, row_w[:, :, s0:s1] > 0,
                 )
                 n_low = int(low.sum())
@@ -182,7 +182,8 @@ def spatten_attention(
         cache.head_score[:, heads] += (og.float().abs().sum(-1) * qw[:, None, :]).sum(-1) * act
         c.rows += int(row_w.sum())
         c.qk_products += int((n_keys[:, None, :] * row_w).sum())
-        c.bytes_read_full += float((n_keys[:, None, :] * row_w).sum()) * (kg.shape[-1] + vg.shape[-1]) * query.element_size()
+    c.qk_products_full += cache.step_full_pairs
+    c.bytes_read_full += cache.step_full_pairs * (keys_first.shape[-1] + values_first.shape[-1]) * query.element_size()
     token_score = token_score.masked_fill(~layer.valid, 0.0)
     cache.score.scatter_add_(1, layer.positions.clamp(min=0), token_score)
     layer.pending = 0

@@ -31,8 +31,8 @@ def _ramp(target: float, start: float, n_layers: int) -> list[float]:
     first = min(int(round(start * n_layers)), n_layers - 1)
     out = [0.0] * n_layers
     span = (n_layers - 1) - first
-    for l in range(first, n_layers):
-        out[l] = target if span <= 0 else target * min(1.0, (l - first + 1) / span)
+    for i in range(first, n_layers):
+        out[i] = target if span <= 0 else target * min(1.0, (i - first + 1) / span)
     return out
 
 

@@ -1,0 +1,87 @@
+"""What the caches driven by a step-by-step forward (LazyLLM, SpAtten) share with transformers' contract.
+
+Their length is the number of tokens seen; per-token state lives in ``[B, T, ...]`` tensors named in
+``ROW_STATE`` that follow the batch through beam search; they cannot be rolled back or compiled.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..errors import UnsupportedGenerationModeError
+
+
+class StepwiseLayer(CacheLayerMixin):
+    """Layer contract shared by LazyLLM's and SpAtten's layers: no rollback, no compile, masks built by kvprune."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+    #: named in the error a rollback raises
+    METHOD: ClassVar[str] = "stepwise"
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
+        return q, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    get_max_cache_shape = get_max_length  # transformers < 5.3
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise UnsupportedGenerationModeError(
+            f"a {self.METHOD} cache cannot be rolled back (what it pruned was never kept), so assisted/speculative "
+            "decoding is not supported; use greedy, sampling or beam search"
+        )
+
+
+class StepwiseCache(Cache):
+    """Base of :class:`~kvprune.caches.lazy.LazyCache` and :class:`~kvprune.caches.spatten.SpAttenCache`."""
+
+    #: per-row state tensors (batch first) reordered with the layers by beam search
+    ROW_STATE: ClassVar[tuple[str, ...]] = ()
+    n_seen: int
+    token_valid: torch.Tensor | None
+
+    def append_state(self, new: dict[str, torch.Tensor]) -> None:
+        """Concatenate the new tokens' state along the token dimension (dim 1)."""
+        for name, value in new.items():
+            old = getattr(self, name)
+            setattr(self, name, value if old is None else torch.cat([old, value], dim=1))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.n_seen
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
+        return self.n_seen + q, 0
+
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        self.layers[0].crop(0)  # raises UnsupportedGenerationModeError
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.select_rows(index)
+        if self.token_valid is not None:
+            index = index.to(self.token_valid.device)
+            for name in self.ROW_STATE:
+                setattr(self, name, getattr(self, name).index_select(0, index))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.token_valid is not None:
+            self._select_rows(torch.arange(self.token_valid.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(torch.as_tensor(indices))
