@@ -20,19 +20,29 @@ from ..policies import Policy
 
 BACKENDS = ("eager", "sdpa", "flash_attention_2")
 #: float32 elements of attention probabilities materialised at once by the block estimator
-BLOCK_ELEMENTS = 1 << 23
+BLOCK_ELEMENTS = 1 << 20
 
 
-def grouped_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None, scaling: float) -> torch.Tensor:
-    """Softmax rows ``[B, Hkv, G, q, S]`` (at least float32) without expanding keys to query heads."""
+def grouped_probs(
+    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None, scaling: float, causal_from: int | None = None
+) -> torch.Tensor:
+    """Softmax rows ``[B, Hkv, G, q, S]`` (at least float32) without expanding keys to query heads.
+
+    ``causal_from``: instead of a mask, the q rows are the keys ``causal_from..causal_from+q-1`` in order
+    (every earlier key visible): only that trailing square gets the causal fill.
+    """
     b, hq, q, d = query.shape
     hkv = key.shape[1]
     g = hq // hkv
-    # the G query heads of a group are stacked as extra rows: one plain batched matmul, no broadcast copy of K
-    logits = torch.matmul(query.reshape(b, hkv, g * q, d), key.transpose(-1, -2)).view(b, hkv, g, q, -1) * scaling
+    # the G query heads of a group are stacked as extra rows: one plain batched matmul, no broadcast copy of K;
+    # the scale goes on the (small) queries, and the mask is applied in place on the fresh logits
+    logits = torch.matmul((query * scaling).reshape(b, hkv, g * q, d), key.transpose(-1, -2)).view(b, hkv, g, q, -1)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if allowed is not None:  # None: every slot is visible (a decode step over valid slots)
-        logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
+        logits.masked_fill_(~allowed.unsqueeze(2), float("-inf"))
+    elif causal_from is not None and q > 1:
+        future = torch.ones((q, q), dtype=torch.bool, device=logits.device).triu_(1)
+        logits[..., causal_from : causal_from + q].masked_fill_(future, float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 
@@ -44,10 +54,14 @@ def grouped_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_probs(probs: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Weighted sum over queries, mean over the group: ``[B, Hkv, G, q, S]`` -> ``[B, Hkv, S]``."""
-    if weights is not None:
-        probs = probs * weights[:, None, None, :, None]
-    return probs.sum(dim=3).mean(dim=2)
+    """Weighted sum over queries, mean over the group: ``[B, Hkv, G, q, S]`` -> ``[B, Hkv, S]``.
+
+    One matrix product with the weights (no weighted copy of the probabilities).
+    """
+    b, hkv, g, q, s = probs.shape
+    w = torch.ones((b, q), dtype=probs.dtype, device=probs.device) if weights is None else weights.to(probs.dtype)
+    w = (w / g).repeat(1, g)[:, None, None, :]  # [B, 1, 1, G*q]
+    return torch.matmul(w, probs.reshape(b, hkv, g * q, s)).view(b, hkv, s)
 
 
 def _expand_heads(allowed: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -78,6 +92,28 @@ def causal_output(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
     return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
 
 
+def _block_rows(allowed: torch.Tensor | None, start: int, stop: int, q: int, s: int) -> tuple[int, torch.Tensor | None]:
+    """Key width and mask for query rows ``[start, stop)``: the queries are the last ``q`` of ``s`` slots, in order,
+    so no row before ``stop`` sees a slot at or after ``s - q + stop``."""
+    width = s - q + stop
+    return width, None if allowed is None else allowed[:, :, start:stop, :width]
+
+
+def _observation_rows(policy: Policy, q: int, query_valid: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """First query row the observation needs and the per-row weights ``[B, q - first]``."""
+    if policy.observation == "last_query":
+        first = q - 1
+        return first, query_valid[:, first:].float()
+    if policy.observation == "window":
+        first = max(0, q - policy.window_size)
+        return first, query_valid[:, first:].float()
+    # rows whose weight is below 2**-30 of the largest (A2SF's oldest queries, alpha**age) are skipped: together
+    # they move a score by at most 2**-30 / (1 - alpha) of the largest row's weight, under float32 resolution
+    w = policy.query_weights(q)
+    first = int(torch.nonzero(w >= float(w.max()) * 2.0**-30)[0]) if q > 1 else 0
+    return first, w[first:].to(query_valid.device)[None, :] * query_valid[:, first:].float()
+
+
 def estimate_observation(
     policy: Policy,
     query: torch.Tensor,
@@ -86,42 +122,44 @@ def estimate_observation(
     query_valid: torch.Tensor,
     scaling: float,
     probs: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """The observation ``policy`` declared, as ``[B, Hkv, S]`` float32 (None for ``"none"``).
+    causal: bool = False,
+    value: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The observation ``policy`` declared, as ``[B, Hkv, S]`` float32 (None for ``"none"``), and an output.
 
     ``probs`` (all rows, from an eager pass) is reused when given; otherwise only the rows the
-    observation needs are computed, in blocks of at most ``BLOCK_ELEMENTS`` probabilities.
+    observation needs are computed, in blocks of at most ``BLOCK_ELEMENTS`` probabilities, each
+    trimmed to the keys its rows can see (``allowed``, or a plain causal mask when ``causal``).
+    With ``value`` (only for observations over all queries) the same probabilities also give the
+    attention output ``[B, Hq, q, Dv]`` -- one pass instead of a kernel call plus an estimate.
     """
-    mode = policy.observation
-    if mode == "none":
-        return None
+    if policy.observation == "none":
+        return None, None
     b, hq, q, _ = query.shape
-    if mode == "last_query":
-        first = q - 1
-        weights = query_valid[:, first:].float()
-    elif mode == "window":
-        first = max(0, q - policy.window_size)
-        weights = query_valid[:, first:].float()
-    else:
-        first = 0
-        weights = policy.query_weights(q).to(query.device)[None, :] * query_valid.float()
+    first, weights = _observation_rows(policy, q, query_valid)
+    out = None
     if probs is not None:
         obs = reduce_probs(probs[:, :, :, first:], weights)
     else:
         s = key.shape[-2]
         step = max(1, BLOCK_ELEMENTS // max(1, b * hq * s))
         obs = torch.zeros((b, key.shape[1], s), dtype=torch.float32, device=query.device)
+        if value is not None:
+            out = query.new_empty((b, hq, q, value.shape[-1]))
         for start in range(first, q, step):
             stop = min(q, start + step)
             w = weights[:, start - first : stop - first]
-            if not bool((w != 0).any()):  # e.g. A2SF weights that underflowed, or padding queries
+            if value is None and not bool((w != 0).any()):  # e.g. A2SF weights that underflowed, or padding
                 continue
-            rows = None if allowed is None else allowed[:, :, start:stop]
-            p = grouped_probs(query[:, :, start:stop], key, rows, scaling)
-            obs += reduce_probs(p, w)
+            width, rows = _block_rows(allowed, start, stop, q, s)
+            diag = s - q + start if causal and rows is None else None  # plain causal: fill only the diagonal square
+            p = grouped_probs(query[:, :, start:stop], key[:, :, :width], rows, scaling, causal_from=diag)
+            obs[..., :width] += reduce_probs(p, w)
+            if out is not None:
+                out[:, :, start:stop] = grouped_output(p, value[:, :, :width])
     if policy.shared_across_heads:
         obs = obs.mean(dim=1, keepdim=True).expand_as(obs)
-    return obs
+    return obs, out
 
 
 def _padding_of_new_tokens(attention_mask: Any, q: int, b: int) -> torch.Tensor | None:
@@ -197,18 +235,27 @@ def kvprune_attention(
         if backend == "eager":
             weights = probs.flatten(1, 2).to(query.dtype)
         if policy is not None:
-            obs = estimate_observation(policy, query, key, allowed, qv, scaling, probs=probs)
+            obs, _ = estimate_observation(policy, query, key, allowed, qv, scaling, probs=probs)
     else:
-        # a plain causal mask (fresh prefill, no padding) runs the kernel's own causal path, mask-free;
-        # its last row sees every key, so a last-query observation needs no mask either
-        need_mask = not causal or (policy is not None and policy.observation in ("window", "all_queries"))
-        allowed = _allowed(layer, attention_mask, new_valid, b, q, s, query.device, sliding_window) if need_mask else None
-        if causal:
-            out = causal_output(query, key, value, scaling, flash=backend == "flash_attention_2")
-        else:
-            out = sdpa_output(query, key, value, allowed, scaling)
+        # a plain causal mask (fresh prefill, no padding) runs the kernel's own causal path, mask-free,
+        # and the estimate builds the causal rows it needs block by block
+        allowed = None if causal else _allowed(layer, attention_mask, new_valid, b, q, s, query.device, sliding_window)
+        # on CPU an observation over every query computes the probabilities anyway: take the output from
+        # them too (one pass) instead of running the kernel as well
+        # (unless most rows carry no weight, like A2SF's oldest queries: then the kernel plus the few rows)
+        one_pass = (
+            policy is not None and policy.observation == "all_queries" and not query.is_cuda
+            and _observation_rows(policy, q, qv)[0] == 0
+        )
+        obs = None
         if policy is not None:
-            obs = estimate_observation(policy, query, key, allowed, qv, scaling)
+            obs, out = estimate_observation(policy, query, key, allowed, qv, scaling, causal=causal,
+                                            value=value if one_pass else None)
+        if not one_pass:
+            if causal:
+                out = causal_output(query, key, value, scaling, flash=backend == "flash_attention_2")
+            else:
+                out = sdpa_output(query, key, value, allowed, scaling)
     if layer is not None:
         layer.finish(obs)
     return out.transpose(1, 2).contiguous(), weights
