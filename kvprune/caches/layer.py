@@ -57,6 +57,7 @@ class PruningLayer(CacheLayerMixin):
         self.valid = torch.empty((b, h, 0), dtype=torch.bool, device=self.device)
         self.scores = torch.empty((b, h, 0), dtype=torch.float32, device=self.device)
         self.n_valid = torch.zeros(b, dtype=torch.int64, device=self.device)
+        self._spare = None
         self.is_initialized = True
 
     def update(
@@ -84,8 +85,17 @@ class PruningLayer(CacheLayerMixin):
             )
         dev = self.device
         pos = torch.arange(self.n_seen, self.n_seen + q, dtype=INDEX_DTYPE, device=dev).expand(b, h, q)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        if q == 1 and self._spare is not None:
+            # the last eviction left one free slot after the kept ones: write there, no copy of the cache
+            n = self.keys.shape[-2]
+            kbuf, vbuf = self._spare
+            kbuf[..., n:, :] = key_states
+            vbuf[..., n:, :] = value_states
+            self.keys, self.values = kbuf, vbuf
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        self._spare = None
         self.positions = torch.cat([self.positions, pos], dim=-1)
         self.ranks = torch.cat([self.ranks, torch.full((b, h, q), -1, dtype=INDEX_DTYPE, device=dev)], dim=-1)
         self.valid = torch.cat([self.valid, torch.ones((b, h, q), dtype=torch.bool, device=dev)], dim=-1)
@@ -113,6 +123,7 @@ class PruningLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.positions = self.ranks = self.valid = self.scores = None
         self.n_valid: torch.Tensor | None = None
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # K/V buffers with one free slot at the end
         self.n_seen = 0
         self.pending = 0
         self.evictions = 0
@@ -130,6 +141,7 @@ class PruningLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         index = index.to(self.device)
+        self._spare = None
         for name in ("keys", "values", "positions", "ranks", "valid", "scores", "n_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.all_valid = bool(self.valid.all())
@@ -225,13 +237,20 @@ class PruningLayer(CacheLayerMixin):
             keep = torch.arange(cap, device=self.device).expand(*eff.shape[:2], cap)
             keep = keep + (keep >= victim).to(keep.dtype)
             perm = torch.zeros_like(keep)  # every kept slot is within its row's budget
+            # copy the kept slots into buffers with one free slot at the end, where the next decode
+            # step writes its token: one copy of the cache per step instead of two (append + compact)
+            spare = torch.cat([keep, keep[..., -1:]], dim=-1)
+            kbuf, vbuf = take_slots(self.keys, spare), take_slots(self.values, spare)
+            self.keys, self.values = kbuf[..., :cap, :], vbuf[..., :cap, :]
+            self._spare = (kbuf, vbuf)
         else:
             # stable sort: among equal scores the older token (earlier slot) wins, deterministically
             order = eff.sort(dim=-1, descending=True, stable=True).indices[..., :cap]
             keep, perm = order.sort(dim=-1)
         before = int(self.valid.sum())
-        self.keys = take_slots(self.keys, keep)
-        self.values = take_slots(self.values, keep)
+        if self._spare is None:
+            self.keys = take_slots(self.keys, keep)
+            self.values = take_slots(self.values, keep)
         for name in ("positions", "ranks", "valid", "scores"):
             setattr(self, name, getattr(self, name).gather(2, keep))
         # a row whose own budget is below the widest row's keeps its surplus slots as padding
@@ -252,6 +271,8 @@ class PruningLayer(CacheLayerMixin):
         return 0 if not self.is_initialized else self.keys.nbytes + self.values.nbytes
 
     def metadata_bytes(self) -> int:
+        """Positions, ranks, validity, scores, and the one free K/V slot per (row, KV head) kept for the next token."""
         if not self.is_initialized:
             return 0
-        return sum(t.nbytes for t in (self.positions, self.ranks, self.valid, self.scores, self.n_valid))
+        spare = 0 if self._spare is None else sum(t[..., -1:, :].nbytes for t in self._spare)
+        return spare + sum(t.nbytes for t in (self.positions, self.ranks, self.valid, self.scores, self.n_valid))

@@ -11,11 +11,14 @@ from .fidelity import (
     sample_sequences,
     teacher_forced_log_probs,
 )
+from .loaders import DatasetUnavailableError, load_longbench, load_ruler_jsonl
 from .qa import Answer, run_qa
-from .tasks import build_suite, exact_match, format_prompt
+from .tasks import TASKS, build_suite, exact_match, format_prompt, generate_example
 
 __all__ = [
+    "TASKS",
     "Answer",
+    "DatasetUnavailableError",
     "FidelityResult",
     "FullReference",
     "budget_tokens",
@@ -26,6 +29,9 @@ __all__ = [
     "fidelity_metrics",
     "format_prompt",
     "full_reference",
+    "generate_example",
+    "load_longbench",
+    "load_ruler_jsonl",
     "plot_quality_vs_budget",
     "run_qa",
     "sample_sequences",
