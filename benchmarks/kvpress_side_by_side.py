@@ -22,9 +22,8 @@ What is measured
 
   - ``peak``: int budget ``n_kept + decoded tokens``: the same peak (and final) KV size as kvpress;
     kvprune evicts continuously, so it holds more than kvpress early in decoding and the same at the end;
-  - ``one-shot``: int budget ``n_kept`` for the prefill, then the budget is lifted (each layer's
-    ``budget`` set to ``None``, a benchmark-only emulation, not a kvprune API): exactly kvpress's
-    schedule, prompt compressed to the same size and every decoded token kept;
+  - ``one-shot``: ``make_cache(..., n_kept, prefill_only=True)``: exactly kvpress's schedule, the
+    prompt compressed to the same size once, then every decoded token kept and nothing scored;
   - ``ratio``: kvprune's normal continuous float budget ``1 - r`` of the tokens seen (less memory than
     kvpress at every decode step: decoded tokens are compressed too).
 
@@ -32,7 +31,7 @@ What is measured
   ``--qa-length`` tokens (held-out seed), batch 1. The context is prefilled (and compressed), then the
   question, then greedy decoding (``--qa-max-new`` tokens, stop at newline/EOS); exact match.
   kvpress: ``n_kept = int((1 - r) * context_len)``; kvprune ``one-shot`` (budget ``n_kept`` for the
-  context, then lifted) and ``peak`` (``n_kept + question + max_new - 1``).
+  context, ``prefill_only=True``) and ``peak`` (``n_kept + question + max_new - 1``).
 
 * **Times**: prefill and decode wall seconds per sequence (fidelity: the batched time divided by
   ``--n-seq``; median over ``--repeats``), per example for QA (median over examples, one repeat).
@@ -93,12 +92,6 @@ def policy_params(policy: str, n_kept: int) -> dict[str, Any]:
     return {"window": snap_window(n_kept)} if policy == "snapkv" else {}
 
 
-def lift_budget(cache: Any) -> None:
-    """Stop evicting from now on (benchmark-only emulation of kvpress's compress-once schedule)."""
-    for layer in cache.layers:
-        layer.budget = None
-
-
 def mean_kept(cache: Any) -> float:
     if isinstance(cache, DynamicCache):
         lens = [layer.keys.shape[-2] for layer in cache.layers if getattr(layer, "keys", None) is not None]
@@ -111,33 +104,31 @@ def mean_kept(cache: Any) -> float:
 # kvprune side
 # ---------------------------------------------------------------------------------------------
 def make_kvprune_cache(model, policy: str, mode: str, ratio: float, n_kept: int, extra: int):
-    """Returns ``(cache, lift_after_prefill)``; ``extra`` is what kvpress appends after the prefill."""
+    """A cache for ``mode``; ``extra`` is what kvpress appends after the prefill."""
     if policy == "dynamic":
         model.set_attn_implementation("sdpa")
-        return DynamicCache(), False
+        return DynamicCache()
     if policy == "full":
-        return kvprune.make_cache(model, "full"), False
+        return kvprune.make_cache(model, "full")
     params = policy_params(policy, n_kept)
     if mode == "peak":
-        return kvprune.make_cache(model, policy, n_kept + extra, **params), False
+        return kvprune.make_cache(model, policy, n_kept + extra, **params)
     if mode == "one-shot":
-        return kvprune.make_cache(model, policy, n_kept, **params), True
+        return kvprune.make_cache(model, policy, n_kept, prefill_only=True, **params)
     if mode == "ratio":
-        return kvprune.make_cache(model, policy, float(1 - ratio), **params), False
+        return kvprune.make_cache(model, policy, float(1 - ratio), **params)
     raise ValueError(mode)
 
 
 def kvprune_teacher_force(model, seqs: torch.Tensor, prompt_len: int, policy: str, mode: str, ratio: float):
     length = seqs.shape[1]
     n_kept = n_kept_for(prompt_len, ratio)
-    cache, lift = make_kvprune_cache(model, policy, mode, ratio, n_kept, length - 1 - prompt_len)
+    cache = make_kvprune_cache(model, policy, mode, ratio, n_kept, length - 1 - prompt_len)
     out = []
     with torch.inference_mode():
         t0 = time.perf_counter()
         logits = model(input_ids=seqs[:, :prompt_len], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         out.append(torch.log_softmax(logits[:, -1].float(), dim=-1))
-        if lift:
-            lift_budget(cache)
         t1 = time.perf_counter()
         kept_prefill = mean_kept(cache)
         for t in range(prompt_len, length - 1):
@@ -156,11 +147,9 @@ def kvprune_qa(model, examples: list[dict], policy: str, mode: str, ratio: float
             q = torch.tensor([ex["question_ids"]])
             n_ctx = ctx.shape[1]
             n_kept = n_kept_for(n_ctx, ratio)
-            cache, lift = make_kvprune_cache(model, policy, mode, ratio, n_kept, q.shape[1] + max_new - 1)
+            cache = make_kvprune_cache(model, policy, mode, ratio, n_kept, q.shape[1] + max_new - 1)
             t0 = time.perf_counter()
             model.model(input_ids=ctx, past_key_values=cache, use_cache=True)
-            if lift:
-                lift_budget(cache)
             kept.append(mean_kept(cache))
             pos = torch.arange(n_ctx, n_ctx + q.shape[1]).unsqueeze(0)
             logits = model(input_ids=q, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1).logits
@@ -408,7 +397,7 @@ def main() -> None:
              f"r = compression ratio of the prompt; kvpress keeps int((1-r)·{p}) prompt tokens per KV head and every "
              f"decoded token. kvprune modes: **peak** = int budget int((1-r)·{p}) + {args.length - 1 - p} (same peak/final "
              f"KV size as kvpress, evicting continuously); **one-shot** = the prompt compressed to the same size after "
-             f"prefill, then no eviction (kvpress's schedule; budget lifted by the benchmark); **ratio** = kvprune's "
+             f"prefill, then no eviction (kvpress's schedule; `prefill_only=True`); **ratio** = kvprune's "
              f"normal float budget 1-r of tokens seen (smaller KV than kvpress throughout). "
              f"Mean KV in decode = keys each decode step attends to per (row, KV head), averaged over the steps "
              f"(computed from the budgets): the peak mode's quality comes partly from holding more early on. "

@@ -9,7 +9,7 @@ import torch
 from conftest import padded_batch, tiny_model
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import position_ids_from_mask
+from reference import kept_positions, position_ids_from_mask
 
 import kvprune
 
@@ -120,3 +120,32 @@ def test_rows_independent_and_deterministic(scenario):
         alone, alone_cache = _run(name, params, budget, alone_ids, torch.ones_like(alone_ids), steps, backend)
         assert torch.equal(tokens[r : r + 1], alone), f"row {r} differs from the row run alone"
         assert _kept_ranks(cache, r) == _kept_ranks(alone_cache, 0)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv", "tova"])
+def test_prefill_only_compresses_once_then_grows(policy):
+    """prefill_only: the prompt is cut to the budget once; decode steps keep every new token and evict nothing."""
+    from conftest import generate_logits
+
+    model = tiny_model("llama", "sdpa")
+    ids, mask = padded_batch([24, 17])
+    params = {"window": 4} if policy == "snapkv" else {}
+    cache = kvprune.make_cache(model, policy, 8, prefill_only=True, **params)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    after_prefill = [kept_positions(layer, r, h) for layer in cache.layers for r in range(2) for h in range(layer.keys.shape[1])]
+    assert all(len(k) == 8 for k in after_prefill)
+    steps = 5
+    cache2 = kvprune.make_cache(model, policy, 8, prefill_only=True, **params)
+    tokens, _ = generate_logits(model, ids, mask, cache2, steps, min_new_tokens=steps)
+    width = ids.shape[1]
+    i = 0
+    for layer in cache2.layers:
+        assert layer.evictions == cache.layers[layer.layer_idx].evictions, "nothing evicted after the prefill"
+        for r in range(2):
+            for h in range(layer.keys.shape[1]):
+                new = set(range(width, width + steps - 1))  # the last generated token is never fed back
+                assert kept_positions(layer, r, h) == after_prefill[i] | new
+                i += 1
+    with pytest.raises(kvprune.InvalidParameterError, match="prefill_only"):
+        kvprune.make_cache(model, "lazyllm", prefill_only=True)

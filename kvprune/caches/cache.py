@@ -46,6 +46,7 @@ class PruningCache(Cache):
         *,
         config: PretrainedConfig | None = None,
         num_layers: int | None = None,
+        prefill_only: bool = False,
         **policy_params: Any,
     ) -> None:
         self.policy = build_policy(policy, **policy_params)
@@ -64,7 +65,12 @@ class PruningCache(Cache):
             raise InvalidParameterError(
                 f"pass config=model.config or num_layers=<int >= 1> to size the cache; got num_layers={num_layers!r}"
             )
+        if not isinstance(prefill_only, bool):
+            raise InvalidParameterError(f"prefill_only is True or False; got {prefill_only!r}")
+        self.prefill_only = prefill_only
         super().__init__(layers=[PruningLayer(i, self.policy, self.budget) for i in range(num_layers)])
+        for layer in self.layers:
+            layer.prefill_only = prefill_only
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -106,4 +112,5 @@ class PruningCache(Cache):
         )
 
     def __repr__(self) -> str:
-        return f"PruningCache(policy={self.policy!r}, budget={self.budget!r}, layers={len(self.layers)})"
+        once = ", prefill_only=True" if self.prefill_only else ""
+        return f"PruningCache(policy={self.policy!r}, budget={self.budget!r}{once}, layers={len(self.layers)})"

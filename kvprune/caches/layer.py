@@ -44,6 +44,7 @@ class PruningLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.policy = policy
         self.budget = budget
+        self.prefill_only = False  # set by the cache: evict once, after the first forward
         self.reset()
 
     # -- transformers' layer contract --------------------------------------------------------
@@ -129,6 +130,7 @@ class PruningLayer(CacheLayerMixin):
         self.evictions = 0
         self.heads_aligned = True
         self.all_valid = True  # no slot is padding (lets decode steps skip the mask)
+        self.frozen = False  # prefill_only and past the first forward: no scores, no eviction
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -203,11 +205,15 @@ class PruningLayer(CacheLayerMixin):
         )
 
     def finish(self, obs: torch.Tensor | None) -> None:
-        """Fold the observation into the scores and evict down to the budget."""
+        """Fold the observation into the scores and evict down to the budget (once, with ``prefill_only``)."""
+        if self.frozen:
+            self.pending = 0
+            return
         if obs is not None or self.policy.observation == "none":
             self.scores = self.policy.update_scores(self.scores, obs, self.pending)
         self.pending = 0
         self.evict()
+        self.frozen = self.prefill_only
 
     def capacity(self) -> torch.Tensor | None:
         """Slots each row may fill now, ``[B]`` (None: unbounded). Rows get their own ratio budgets."""

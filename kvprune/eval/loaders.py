@@ -57,7 +57,7 @@ def _read_plain(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object per line")
+            raise ValueError(f"{path}:{n}: expected a JSON object per line")  # noqa: TRY004 (bad data, not a bad argument)
         records.append(rec)
     return records
 

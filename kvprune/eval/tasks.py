@@ -40,8 +40,8 @@ from typing import Any
 from ..errors import InvalidParameterError
 
 __all__ = [
-    "TASKS",
     "ALL_WORDS",
+    "TASKS",
     "Doc",
     "build_suite",
     "exact_match",

@@ -219,7 +219,7 @@ def kvprune_attention(
 
     if layer is not None and layer.pending == q:
         layer.observe_padding(new_valid)
-        policy = layer.policy
+        policy = None if getattr(layer, "frozen", False) else layer.policy  # prefill_only: nothing observed after the prefill
         causal = q > 1 and layer.is_plain_causal(q, sliding_window)
     else:
         layer, policy = None, None

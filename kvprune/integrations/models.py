@@ -50,6 +50,7 @@ def make_cache(
     budget: int | float | Budget | None = None,
     *,
     backend: str | None = None,
+    prefill_only: bool = False,
     **policy_params: Any,
 ) -> PruningCache | LazyCache | SpAttenCache:
     """Prepare ``model`` and return a fresh cache for one ``generate`` conversation.
@@ -59,12 +60,16 @@ def make_cache(
     ``policy="spatten"`` (or a :class:`~kvprune.policies.spatten.SpAtten`) returns a
     :class:`~kvprune.caches.spatten.SpAttenCache`; its optional ``budget`` is the fraction of KV
     memory kept (averaged over layers), which sets the token pruning ratio.
-    Every other policy returns a :class:`PruningCache`.
+    Every other policy returns a :class:`PruningCache`; ``prefill_only=True`` compresses the prompt to
+    the budget once and then lets the cache grow without scoring or evicting (the SnapKV / kvpress
+    schedule: decode steps cost what a plain cache's do).
     """
     check_architecture(model.config)
     from ..policies.lazyllm import LazyLLM
     from ..policies.spatten import SpAtten
 
+    if prefill_only and (isinstance(policy, (LazyLLM, SpAtten)) or policy in ("lazyllm", "spatten")):
+        raise InvalidParameterError("prefill_only applies to the eviction policies, not to LazyLLM or SpAtten")
     if isinstance(policy, SpAtten) or policy == "spatten":
         from .spatten import make_spatten_cache
 
@@ -76,6 +81,6 @@ def make_cache(
         from .lazyllm import make_lazy_cache
 
         return make_lazy_cache(model, policy if isinstance(policy, LazyLLM) else None, **policy_params)
-    cache = PruningCache(policy, budget, config=model.config, **policy_params)
+    cache = PruningCache(policy, budget, config=model.config, prefill_only=prefill_only, **policy_params)
     prepare_model(model, backend)
     return cache
