@@ -48,6 +48,9 @@ from kvpress import (
 from kvpress.utils import compute_n_kept
 from transformers import AutoModelForCausalLM, DynamicCache
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _greedy import answer  # noqa: E402
+
 #: presses run by default; "full" is the uncompressed DynamicCache
 PRESSES = (
     "full", "SnapKV", "PyramidKV", "TOVA", "ObservedAttention", "ExpectedAttention",
@@ -180,18 +183,7 @@ class Worker:
                     with pr(model):
                         model.model(input_ids=ctx, past_key_values=cache, use_cache=True)
                 kept.append(_mean_kept(cache))
-                pos = torch.arange(n_ctx, n_ctx + q.shape[1]).unsqueeze(0)
-                logits = model(input_ids=q, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1).logits
-                t1 = time.perf_counter()
-                nxt = int(logits[0, -1].argmax())
-                gen = [nxt]
-                step = n_ctx + q.shape[1]
-                while nxt not in stop and len(gen) < max_new_tokens:
-                    logits = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache,
-                                   position_ids=torch.tensor([[step]]), use_cache=True).logits
-                    step += 1
-                    nxt = int(logits[0, -1].argmax())
-                    gen.append(nxt)
+                gen, t1 = answer(model, cache, q, n_ctx, max_new_tokens, stop)
                 t2 = time.perf_counter()
                 preds.append(gen)
                 prefill.append(t1 - t0)

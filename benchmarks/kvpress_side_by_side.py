@@ -66,6 +66,9 @@ import kvprune
 from kvprune.eval.fidelity import fidelity_metrics, sample_sequences
 from kvprune.eval.tasks import exact_match
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _greedy import answer  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORKER = HERE / "_kvpress_worker.py"
@@ -151,18 +154,7 @@ def kvprune_qa(model, examples: list[dict], policy: str, mode: str, ratio: float
             t0 = time.perf_counter()
             model.model(input_ids=ctx, past_key_values=cache, use_cache=True)
             kept.append(mean_kept(cache))
-            pos = torch.arange(n_ctx, n_ctx + q.shape[1]).unsqueeze(0)
-            logits = model(input_ids=q, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1).logits
-            t1 = time.perf_counter()
-            nxt = int(logits[0, -1].argmax())
-            gen = [nxt]
-            step = n_ctx + q.shape[1]
-            while nxt not in stop and len(gen) < max_new:
-                logits = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache,
-                               position_ids=torch.tensor([[step]]), use_cache=True).logits
-                step += 1
-                nxt = int(logits[0, -1].argmax())
-                gen.append(nxt)
+            gen, t1 = answer(model, cache, q, n_ctx, max_new, stop)
             t2 = time.perf_counter()
             preds.append(gen)
             prefill.append(t1 - t0)

@@ -93,17 +93,8 @@ class LazyLayer(StepwiseLayer):
             self._store_importance(obs)
         self.compact()
 
-    def compact(self) -> None:
-        """Drop padding slots once they are over a quarter of the layer (rows computed different counts)."""
-        width = int(self.valid.sum(-1).max())
-        if self.valid.shape[1] - width <= self.valid.shape[1] // 4:
-            return
-        order = (~self.valid).to(torch.int8).sort(dim=-1, stable=True).indices[:, :width]
-        self.positions = self.positions.gather(1, order)
-        self.valid = self.valid.gather(1, order)
-        idx = order[:, None, :, None]
-        self.keys = self.keys.gather(2, idx.expand(-1, self.keys.shape[1], -1, self.keys.shape[-1]))
-        self.values = self.values.gather(2, idx.expand(-1, self.values.shape[1], -1, self.values.shape[-1]))
+    def take_slots(self, order: torch.Tensor) -> None:
+        self.keys, self.values = self.gather_slots(self.keys, order), self.gather_slots(self.values, order)
 
     def _store_importance(self, obs: torch.Tensor) -> None:
         n_tokens = self._selected.shape[1]

@@ -90,21 +90,9 @@ class SpAttenLayer(StepwiseLayer):
             self.values = _map(self.values, lambda t: t.index_select(1, idx))
         self.compact()
 
-    def compact(self) -> None:
-        """Drop empty slots once they are over a quarter of the layer."""
-        width = int(self.valid.sum(-1).max())
-        if self.valid.shape[1] - width <= self.valid.shape[1] // 4:
-            return
-        order = (~self.valid).to(torch.int8).sort(dim=-1, stable=True).indices[:, :width]
-        self.positions = self.positions.gather(1, order)
-        self.valid = self.valid.gather(1, order)
-
-        def take(t: torch.Tensor) -> torch.Tensor:
-            idx = order[:, None, :].expand(-1, t.shape[1], -1)
-            idx = idx.reshape(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
-            return t.gather(2, idx)
-
-        self.keys, self.values = _map(self.keys, take), _map(self.values, take)
+    def take_slots(self, order: torch.Tensor) -> None:
+        self.keys = _map(self.keys, lambda t: self.gather_slots(t, order))
+        self.values = _map(self.values, lambda t: self.gather_slots(t, order))
 
     # -- transformers' layer contract ------------------------------------------------------------
     def _store(self, states: torch.Tensor, is_key: bool) -> Stored:

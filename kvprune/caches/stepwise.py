@@ -24,6 +24,31 @@ class StepwiseLayer(CacheLayerMixin):
     #: named in the error a rollback raises
     METHOD: ClassVar[str] = "stepwise"
 
+    # slots are [B, N] with ``positions`` and ``valid``; K/V are [B, H, N, ...]
+    positions: torch.Tensor
+    valid: torch.Tensor
+
+    def compact(self) -> None:
+        """Drop empty slots once they are over a quarter of the layer (rows hold different counts)."""
+        width = int(self.valid.sum(-1).max())
+        if self.valid.shape[1] - width <= self.valid.shape[1] // 4:
+            return
+        order = (~self.valid).to(torch.int8).sort(dim=-1, stable=True).indices[:, :width]
+        self.positions = self.positions.gather(1, order)
+        self.valid = self.valid.gather(1, order)
+        self.take_slots(order)
+
+    def take_slots(self, order: torch.Tensor) -> None:
+        """Keep the K/V slots ``order [B, N']`` (per row), in that order."""
+        raise NotImplementedError
+
+    @staticmethod
+    def gather_slots(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """``t[b, h, order[b, n], ...]`` for a ``[B, H, N, ...]`` tensor."""
+        idx = order[:, None, :].expand(-1, t.shape[1], -1)
+        idx = idx.reshape(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
+        return t.gather(2, idx)
+
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
         return q, 0

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..policies import METHODS
+from .compare import DEFAULT_POLICIES
 
 
 def _budget(text: str) -> int | float | None:
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--task", default="longqa", help="longqa (generated suite) or fidelity")
     p.add_argument("--file", help="a RULER-style JSONL file of QA examples instead of the suite")
-    p.add_argument("--policies", type=_csv(str), default=["a2sf", "h2o", "tova", "snapkv", "streaming", "knorm", "random"])
+    p.add_argument("--policies", type=_csv(str), default=list(DEFAULT_POLICIES))
     p.add_argument("--budgets", type=_csv(_budget), default=[0.1, 0.25, 0.5])
     p.add_argument("--n-examples", type=int, default=6, help="examples per task kind and length")
     p.add_argument("--lengths", type=_csv(int), default=[512, 1024])
