@@ -228,7 +228,7 @@ def kvprune_attention(
 
     weights: torch.Tensor | None = None
     obs = None
-    if q == 1 or backend == "eager":
+    if backend == "eager" or (q == 1 and policy is not None and policy.observation != "none"):
         allowed = _allowed(layer, attention_mask, new_valid, b, q, s, query.device, sliding_window)
         probs = grouped_probs(query, key, allowed, scaling)
         out = grouped_output(probs, value)
