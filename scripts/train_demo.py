@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Reproduce kvprune's demo model: a small Llama trained on the synthetic long-document QA tasks.
 
     pip install -e .[train]          # sentencepiece (only needed here, not to load the model)
@@ -19,7 +18,12 @@ Phases (run all by default; each can be run alone with --phase):
 
 Uses 2 CPU threads (``--threads``). The loss is the language-model loss on every context token but
 the random names, values and document numbers (the repeated filler phrases are the dense in-context
-copying signal) and the answers of several questions per document, as one token-level mean.
+copying signal) and the answers of several questions per document, as one token-level mean, plus
+an attention-supervision loss (see :class:`AttentionSupervision`): layer 0 gets a previous-token head,
+a two-back head and a latest-document-number head, and head 0 of layers 1-3 is told where the query
+``... of <name> is`` should look (the value of that fact in the right document; for variable chains,
+one hop per layer). Without it name-keyed lookup never formed in 2700 steps (multi-fact tasks stayed
+at chance); the exported model is a plain ``LlamaForCausalLM`` either way.
 """
 
 from __future__ import annotations
@@ -41,14 +45,15 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 # the machine is often shared: passive OpenMP waiting keeps 2 threads from spinning against other jobs
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from kvprune.eval.tasks import (  # noqa: E402
+from kvprune.eval.tasks import (
     ALL_WORDS,
     FILLER,
     NAMES,
     NUMBERS,
+    RELATIONS,
     TASKS,
     VALUES,
     build_suite,
@@ -58,7 +63,7 @@ from kvprune.eval.tasks import (  # noqa: E402
 )
 
 # (sequence length, batch size, steps). Every stage uses ~4096 tokens per step.
-DEFAULT_STAGES = "64x64x400,128x32x250,256x16x250,512x8x700,1024x4x400,2048x2x700"
+DEFAULT_STAGES = "64x64x150,128x32x300,256x16x400,512x8x650,1024x4x300,2048x2x350"
 TASK_WEIGHTS = {"needle": 1.0, "multikey": 1.0, "multidoc": 1.5, "vartrack": 1.5}
 EVAL_SEED = 1_000_003  # held-out documents (training documents use string seeds "train/<seed>/<step>/<row>")
 PAD, BOS, EOS = 3, 1, 2
@@ -155,7 +160,7 @@ def make_sequence(rng: random.Random, L: int, w2i: dict[str, int]) -> tuple[list
     """One training row of exactly L tokens: ids, LM labels (-100 = no loss), answer labels."""
     tasks = list(TASK_WEIGHTS)
     task = rng.choices(tasks, weights=[TASK_WEIGHTS[t] for t in tasks])[0]
-    nq = 1 if task == "needle" else rng.randint(1, 4)
+    nq = 1 if task == "needle" else rng.randint(1, 6)
     per_qa = 24 + 1 + 1  # longest question field (multidoc), answer, </s>
     while nq > 1 and L - 1 - nq * per_qa < L // 2:
         nq -= 1
@@ -211,16 +216,111 @@ def make_copy_sequence(rng: random.Random, L: int, w2i: dict[str, int]) -> tuple
     return ids, lm, [-100] * L
 
 
-def make_batch(seed: int, step: int, L: int, B: int, w2i: dict[str, int], copy_frac: float = 0.0):
+def make_phrase_sequence(rng: random.Random, L: int, w2i: dict[str, int]) -> tuple[list[int], list[int], list[int]]:
+    """Row of short phrases over a small pool of words, each phrase repeated at random places.
+
+    Unlike the copy rows (where the repeat sits at a fixed offset, which a position trick solves),
+    continuing a repeated phrase here needs content matching on two or more previous tokens, since
+    every word occurs in several phrases: the skill behind "the code of <name> is" -> value.
+    """
+    pool = rng.sample(_COPY_WORDS, rng.choice([6, 10, 16, 24]))
+    n_phrases = max(2, (L - 1) // 15)
+    phrases = [[w2i[rng.choice(pool)] for _ in range(rng.randint(3, 7))] + [w2i["."]] for _ in range(n_phrases)]
+    ids, lm, seen = [BOS], [-100], set()
+    while len(ids) < L:
+        i = rng.randrange(n_phrases)
+        for j, t in enumerate(phrases[i]):
+            ids.append(t)
+            lm.append(t if (i in seen and j > 0) else -100)
+        seen.add(i)
+    return ids[:L], lm[:L], [-100] * L
+
+
+def make_fact_sequence(rng: random.Random, L: int, w2i: dict[str, int]) -> tuple[list[int], list[int], list[int]]:
+    """Row of facts, then the same facts restated in another order, with the loss on the restated values.
+
+    Every restated value is predictable only by matching the name (and, in the multi-document variant,
+    the document number) -- the retrieval behind the questions, with one target per fact instead of
+    one per question. Half of the rows are multi-document: names recur across documents.
+    """
+    words: list[str] = []
+    flags: list[bool] = []
+
+    def add(ws: list[str], fl: list[bool]) -> None:
+        words.extend(ws)
+        flags.extend(fl)
+
+    kind = rng.random()
+    if kind < 1 / 3:
+        n = max(2, (L - 1) // 14)
+        facts = [(rng.choice(RELATIONS), nm, rng.choice(VALUES)) for nm in rng.sample(NAMES, n)]
+        for rel, nm, v in facts:
+            add(["the", rel, "of", nm, "is", v, "."], [False, False, True, False, True, False, True])
+        for rel, nm, v in rng.sample(facts, n):
+            add(["the", rel, "of", nm, "is", v, "."], [False, False, True, False, True, True, True])
+    elif kind < 2 / 3:
+        # variable chains (var a = <value> . var b = a . ...), 1-3 variables each, interleaved in order,
+        # then every variable's value restated as the vartrack answer would be
+        n_chains = max(1, (L - 1) // 45)
+        names = rng.sample(NAMES, min(len(NAMES), 3 * n_chains))
+        chains, assigns = [], []
+        for c in range(n_chains):
+            vars_ = names[3 * c: 3 * c + rng.randint(1, 3)]
+            value = rng.choice(VALUES)
+            chains.append((vars_, value))
+            ds = sorted(rng.random() for _ in vars_)
+            for d, lhs, r in zip(ds, vars_, [value] + vars_[:-1]):
+                assigns.append((d, lhs, r))
+        assigns.sort()
+        for _, lhs, r in assigns:
+            add(["var", lhs, "=", r, "."], [False, False, True, False, True])
+        restate = [(v, value) for vars_, value in chains for v in vars_]
+        for v, value in rng.sample(restate, len(restate)):
+            add(["the", "value", "of", v, "is", value, "."], [False, False, True, False, True, True, True])
+    else:
+        n_docs = max(2, min(len(NUMBERS), (L - 1) // 40))
+        numbers = rng.sample(NUMBERS, n_docs)
+        names = rng.sample(NAMES, max(2, n_docs // 2))
+        facts = []
+        for k in numbers:
+            add(["document", k, ":"], [False, False, True])
+            for nm in rng.sample(names, 2):
+                v = rng.choice(VALUES)
+                facts.append((k, nm, v))
+                add(["the", "code", "of", nm, "is", v, "."], [False, True, True, False, True, False, True])
+        for k, nm, v in rng.sample(facts, len(facts)):
+            add(["in", "document", k, ",", "the", "code", "of", nm, "is", v, "."],
+                [False, True, False, True, True, True, True, False, True, True, True])
+    words, flags = words[: L - 1], flags[: L - 1]
+    ids = [BOS] + [w2i[w] for w in words]
+    lm = [-100] + [w2i[w] if f else -100 for w, f in zip(words, flags)]
+    pad = L - len(ids)
+    return ids + [PAD] * pad, lm + [-100] * pad, [-100] * L
+
+
+def make_batch(seed: int, step: int, L: int, B: int, w2i: dict[str, int], copy_frac: float = 0.0,
+               phrase_frac: float = 0.0, fact_frac: float = 0.0):
     rows = []
     for r in range(B):
         rng = random.Random(f"train/{seed}/{step}/{r}")
-        if copy_frac > 0 and rng.random() < copy_frac:
+        u = rng.random()
+        if u < copy_frac:
             rows.append(make_copy_sequence(rng, L, w2i))
+        elif u < copy_frac + phrase_frac:
+            rows.append(make_phrase_sequence(rng, L, w2i))
+        elif u < copy_frac + phrase_frac + fact_frac:
+            rows.append(make_fact_sequence(rng, L, w2i))
         else:
             rows.append(make_sequence(rng, L, w2i))
     ids, lm, ans = (torch.tensor([r[i] for r in rows]) for i in range(3))
-    return ids, lm, ans
+    i2w = {v: k for k, v in w2i.items()}
+    lookups, numbers = [], []
+    for b, r in enumerate(rows):
+        words = ["<s>"] + [i2w.get(t, "<pad>") for t in r[0][1:]]
+        found, number = lookup_targets(words)
+        lookups += [(b, *x) for x in found]
+        numbers.append(number)
+    return ids, lm, ans, lookups, torch.tensor(numbers)
 
 
 def heldout(n_per_task: int, length: int) -> list[dict]:
@@ -297,6 +397,130 @@ def save_ckpt(path: Path, model, opt, state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def parse_offsets(text: str) -> dict[int, int]:
+    return {int(h): int(o) for h, o in (part.split(":") for part in text.split(",") if part)}
+
+
+_IS = ("is", "=")
+
+
+def lookup_targets(words: list[str]) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """Attention targets of one row (``words[0]`` is BOS): retrieval hops and the latest document number.
+
+    Retrieval: wherever ``<key> is`` (or ``<key> =``) repeats a key that occurs earlier as ``<key> is
+    <value>`` / ``<key> = <x>`` (for document rows: in the same document, i.e. with the same latest
+    number), the ``is`` position should attend to that ``<value>`` -- layer 1; if the retrieved word is
+    itself a variable (``var b = a``), layer 2 should attend to where ``a`` is assigned, and so on
+    (layers 1-3, up to 3 hops). Returns ``(layer, query position, key position)`` triples and, per
+    position, the position of the latest number token at or before it (-1 if none).
+    """
+    number = [-1] * len(words)
+    last = -1
+    for t, w in enumerate(words):
+        if w in _NUMBER_SET:
+            last = t
+        number[t] = last
+    def section(i: int) -> str | None:
+        return words[number[i]] if number[i] >= 0 else None
+
+    defs: dict[str, list[int]] = {}  # key -> positions of the word following "<key> is" / "<key> ="
+    out = []
+    for t in range(2, len(words)):
+        if words[t] in _IS:
+            key = words[t - 1]
+            cands = [i for i in defs.get(key, ()) if section(i) == section(t)]
+            if len(cands) == 1:
+                i, layer = cands[0], 1
+                while True:
+                    out.append((layer, t, i))
+                    nxt = words[i]
+                    if layer == 3 or nxt not in _NAME_SET:
+                        break
+                    hop = [j for j in defs.get(nxt, ()) if words[j - 1] == "=" and j < i]
+                    if len(hop) != 1:
+                        break
+                    i, layer = hop[0], layer + 1
+        if t >= 2 and words[t - 1] in _IS and words[t - 2] in _NAME_SET:
+            defs.setdefault(words[t - 2], []).append(t)
+    return out, number
+
+
+_NAME_SET, _NUMBER_SET = set(NAMES), set(NUMBERS)
+
+
+class AttentionSupervision:
+    """Auxiliary losses on a few attention patterns: -log of the attention weight on the target position.
+
+    * layer 0, head 0 attends 1 token back and head 2 attends 2 tokens back (``--offset-heads``): the
+      name two tokens before a value becomes part of the value's key;
+    * layer 0, head 1 attends the latest document number (the section a fact is in, and the number the
+      question names);
+    * head 0 of layers 1-3 attends the value (or the next variable of a chain) that the query
+      ``... of <name> is`` retrieves (see :func:`lookup_targets`).
+
+    Gradient descent on the language-model loss alone stayed for thousands of steps on a plateau where
+    the model copies *a* value after "is" (exact match at chance on multi-fact tasks); supervising where
+    the heads look lets name-keyed retrieval form in a few hundred steps. Only the attention pattern
+    is supervised (what the heads copy is learned from the LM loss), and the exported model is a plain
+    Llama: these losses only shape training.
+    """
+
+    def __init__(self, model, offsets: dict[int, int], number_head: int = 1, lookup_head: int = 0):
+        self.layers = [layer.self_attn for layer in model.model.layers]
+        self.offsets, self.number_head, self.lookup_head = offsets, number_head, lookup_head
+        self.inputs: dict[int, tuple] = {}
+        for idx, attn in enumerate(self.layers):
+            attn.register_forward_pre_hook(self._hook(idx), with_kwargs=True)
+
+    def _hook(self, idx: int):
+        def hook(module, args, kwargs):
+            hs = args[0] if args else kwargs["hidden_states"]
+            pe = args[1] if len(args) > 1 else kwargs["position_embeddings"]
+            self.inputs[idx] = (hs, pe)
+        return hook
+
+    def _qk(self, idx: int):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        hs, (cos, sin) = self.inputs[idx]
+        B, T, _ = hs.shape
+        a = self.layers[idx]
+        q = a.q_proj(hs).view(B, T, -1, a.head_dim).transpose(1, 2)
+        k = a.k_proj(hs).view(B, T, -1, a.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q.float(), k.float(), q.shape[1] // k.shape[1], a.scaling
+
+    def loss(self, valid: torch.Tensor, number: torch.Tensor, lookups: list[tuple[int, int, int, int]]) -> torch.Tensor:
+        q, k, rep, scale = self._qk(0)
+        T = q.shape[2]
+        future = torch.ones(T, T, dtype=torch.bool).triu(1)
+        terms = []
+
+        def full(h: int) -> torch.Tensor:
+            s = (q[:, h] @ k[:, h // rep].transpose(-1, -2)) * scale
+            return s.masked_fill(future, float("-inf")).log_softmax(-1)
+
+        for h, off in self.offsets.items():
+            lp, t = full(h), torch.arange(off, T)
+            m = valid[:, off:].float()
+            terms.append(-(lp[:, t, t - off] * m).sum() / m.sum().clamp(min=1))
+        m = (number >= 0) & valid
+        if m.any():
+            lp = full(self.number_head).gather(-1, number.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            terms.append(-(lp * m).sum() / m.sum())
+        if lookups:
+            tl = torch.tensor(lookups)
+            for layer in sorted(set(tl[:, 1].tolist())):
+                sel = tl[tl[:, 1] == layer]
+                b, qp, kp = sel[:, 0], sel[:, 2], sel[:, 3]
+                ql, kl, rep_l, sc = self._qk(layer)
+                h = self.lookup_head
+                s = torch.einsum("nd,ntd->nt", ql[b, h, qp], kl[b, h // rep_l]) * sc
+                s = s.masked_fill(torch.arange(T)[None, :] > qp[:, None], float("-inf"))
+                terms.append(-s.log_softmax(-1).gather(-1, kp[:, None]).mean())
+        return sum(terms) / max(1, len(terms))
+
+
 def lr_at(step: int, total: int, args) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -327,6 +551,7 @@ def train(args) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters; {total} steps in stages {stages}")
     eval512, eval2048 = heldout(args.eval_n, 512), heldout(max(2, args.eval_n // 2), 2048)
+    sup = AttentionSupervision(model, parse_offsets(args.offset_heads)) if args.attn_weight > 0 else None
     model.train()
     t0 = time.time() - state["elapsed_s"]
     session_start = time.time()
@@ -344,10 +569,10 @@ def train(args) -> None:
         mix = random.Random(f"mix/{args.seed}/{step}")
         if si > 0 and mix.random() < args.mix_short:  # keep earlier lengths in the mix
             _, _, L, B = bounds[mix.randrange(si)]
-        copy_frac = 1.0 if step < args.copy_steps else args.copy_mix
+        mixes = (1.0, 0.0, 0.0) if step < args.copy_steps else (args.copy_mix, args.phrase_mix, args.fact_mix)
         if step < args.copy_steps:
             L, B = 64, 64
-        ids, lm, ans = make_batch(args.seed, step, L, B, w2i, copy_frac)
+        ids, lm, ans, lookups, numbers = make_batch(args.seed, step, L, B, w2i, *mixes)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, args)
         logits = model(input_ids=ids, attention_mask=(ids != PAD).long()).logits[:, :-1].float()
@@ -359,6 +584,8 @@ def train(args) -> None:
         # mean over the few answer tokens swamps the LM gradient and the copying circuit never forms.)
         weights = is_lm + args.answer_weight * is_ans
         loss = (ce * weights).sum() / weights.sum()
+        aux = sup.loss(ids != PAD, numbers, lookups) if sup is not None else torch.zeros(())
+        loss = loss + args.attn_weight * aux
         loss_lm = (ce * is_lm).sum() / is_lm.sum().clamp(min=1)
         loss_ans = (ce * is_ans).sum() / is_ans.sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
@@ -366,10 +593,10 @@ def train(args) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        cur = (loss_lm.item(), loss_ans.item())
+        cur = (loss_lm.item(), loss_ans.item(), aux.item())
         ema = cur if ema is None else tuple(0.95 * e + 0.05 * c for e, c in zip(ema, cur))
         if step % args.log_every == 0:
-            log(f"step {step}/{total} L={L} B={B} lr={lr_at(step, total, args):.2e} lm={ema[0]:.3f} ans={ema[1]:.3f} "
+            log(f"step {step}/{total} L={L} B={B} lr={lr_at(step, total, args):.2e} lm={ema[0]:.3f} ans={ema[1]:.3f} aux={ema[2]:.3f} "
                 f"t={(time.time() - t0) / 60:.1f}min")
         is_end = step == total or any(step == b for _, b, _, _ in bounds)
         if step % args.eval_every == 0 or is_end:
@@ -413,7 +640,10 @@ A {params:.2f}M-parameter Llama-architecture model (`LlamaForCausalLM`, {layers}
 {vocab}-piece SentencePiece BPE tokenizer (exported as a `tokenizers` fast tokenizer: loading needs neither
 sentencepiece nor `trust_remote_code`). It was trained by the kvprune project, from scratch, only on the
 synthetic long-document QA language of `kvprune.eval.tasks`, so that KV-cache policies can be compared on
-a model that really answers long-document questions. It knows nothing else.
+a model that answers long-document questions. It knows nothing else.
+
+**Status: {status}** The project's targets are full-cache exact match ≥ 0.98 at 512 tokens and ≥ 0.95 at
+2048 tokens on every task (see the table below for what this checkpoint reaches).
 
 ```python
 from kvprune.demo import load_demo_model
@@ -432,12 +662,20 @@ data). Four task kinds, sampled with weights {weights}: single needle, multi-key
 per ~96 tokens, 4 relations), multi-document QA (sections `document <k> :` with the asked name also in
 distractor documents), variable tracking (chains `var a = <value>`, `var b = a`, up to 2 hops, with distractor
 chains). Filler is made of random 4–8-word phrases invented per document, each repeated 2–4 times. Each
-training document is followed by 1–4 questions with a RULER-style answer prefix
+training document is followed by 1–6 questions with a RULER-style answer prefix
 (`question : what is the code of <name> ? answer : the code of <name> is <value> </s>`).
 
 Loss: one token-level mean cross-entropy over every context token except the random names, values and
 document numbers (repeated phrase occurrences are predictable only by looking back: the dense in-context
-copying signal) and over the answers and their `</s>` (answer tokens weighted {answer_weight}×).
+copying signal) and over the answers and their `</s>` (answer tokens weighted {answer_weight}×), plus
+{attn_weight} × an attention-supervision loss (mean of -log attention weight on a target position), for
+training only: in layer 0, head 0 attends the previous token, head 2 the token two back and head 1 the
+latest document number; head 0 of layer 1 attends, from each `is` that repeats a name already stated as
+`<name> is <value>` (or `<name> = <x>`, in the same document for sectioned text), the position of that
+value, and head 0 of layers 2 and 3 the next hop of a variable chain (`var b = a` -> where `a` is
+assigned). Only where heads look is supervised; what they copy is learned from the language-model loss.
+Without this loss the model stayed for thousands of steps on a plateau where it answers with *a* value
+of the document (multi-fact tasks at chance). The exported model is a plain Llama.
 
 ## Training
 
@@ -445,16 +683,23 @@ copying signal) and over the answers and their `</s>` (answer tokens weighted {a
   length (same tokens per step).
 - Copy warm-up: the first {copy_steps} steps train on rows made of a random run of words (filler, names and
   values: values never get an LM target in documents, and a copy circuit learned on filler alone left the
-  answers at chance) followed by the same run (the in-context copying circuit forms in ~150 steps this way, and had not formed after 1000
-  steps of task documents alone); half of these rows draw the run from a small pool of 8–32 words, so that
-  copying must match several previous tokens. Afterwards a fraction {copy_mix} of the rows are copy rows.
+  answers at chance) followed by the same run; the loss on the repeat falls to ~0 within ~150 steps (on task
+  documents alone, copying had not appeared after 1000 steps), though a fixed offset may be all it teaches. Afterwards a fraction {copy_mix} of the rows are copy rows and {phrase_mix}
+  are phrase rows: short phrases over a small pool of 6–24 words, each repeated at random places, so that
+  continuing a phrase needs matching two or more previous tokens (as `the code of <name> is` does; the
+  fixed-offset copy rows alone taught a position trick, and the model then answered with a value of the
+  wrong fact), and {fact_mix} are fact rows: facts (a third each: `the <relation> of <name> is <value> .`;
+  variable chains `var a = <value> .`, `var b = a .` of 1-3 variables; per-document facts with names
+  recurring across documents) restated afterwards in another order (`the value of <variable> is <value> .`,
+  `in document <k> , the code of <name> is <value> .`), with the loss on the restated values -- one
+  retrieval target per fact. The remaining rows are task documents.
 - {steps} steps, AdamW (β = 0.9, 0.95, weight decay {wd}), peak LR {lr}, {warmup} warm-up steps, cosine to 10 %,
   gradient clipping 1.0, seed {seed}.
 - Final training loss (EMA): language-model {lm:.3f}, answers {ans:.3f}.
 - Wall time: {minutes:.0f} minutes on 2 CPU cores (`torch.set_num_threads(2)`, shared machine), exported from
   the checkpoint of step {export_step}.
 - Reproduce: `{command}` (resumable: re-run the same command after an interruption).
-
+{note}
 ## Evaluation (full cache)
 
 Exact match of greedy decoding (`generate`, plain `DynamicCache`, `max_new_tokens=6`) on held-out documents
@@ -468,6 +713,11 @@ Exact match of greedy decoding (`generate`, plain `DynamicCache`, `max_new_token
 
 The model only understands the synthetic task language; it was trained up to 2048 tokens and is not
 expected to work beyond 2560 positions. It is a test fixture for KV-cache policies, not a language model.
+Variable tracking is the weakest task: its questions need 2-3 chained lookups, one per layer in layers 1-3
+of this 4-layer model, and the supervised third hop was far from formed (attention loss at step 1500 of
+the published run: ~2.2 nats at layer 3, ~0.24 at layer 2, ~0.05 at layer 1); where it fails the model
+mostly answers with some other word of the document. Where a task is below target, only the tasks near 1.0 separate
+policies by retrieval rather than by chance.
 """
 
 
@@ -510,11 +760,13 @@ def export(args) -> None:
     cmd = "python scripts/train_demo.py" + ("" if args.stages == DEFAULT_STAGES else f' --stages "{args.stages}"')
     card = CARD.format(
         params=sum(p.numel() for p in model.parameters()) / 1e6, layers=args.layers, hidden=args.hidden,
-        heads=args.hidden // 32, kv=args.kv_heads, vocab=len(tok), weights=TASK_WEIGHTS, answer_weight=args.answer_weight,
-        stages=args.stages.replace(",", ", "), mix_short=args.mix_short, copy_steps=args.copy_steps, copy_mix=args.copy_mix, steps=final_state["step"], wd=args.weight_decay,
+        heads=args.hidden // 32, kv=args.kv_heads, vocab=len(tok), weights=TASK_WEIGHTS, answer_weight=args.answer_weight, attn_weight=args.attn_weight,
+        stages=args.stages.replace(",", ", "), mix_short=args.mix_short, copy_steps=args.copy_steps, copy_mix=args.copy_mix, phrase_mix=args.phrase_mix, fact_mix=args.fact_mix, steps=final_state["step"], wd=args.weight_decay,
         lr=args.lr, warmup=args.warmup, seed=args.seed, lm=hist["lm"], ans=hist["ans"],
         minutes=final_state["elapsed_s"] / 60, export_step=state["step"], command=cmd, eval_seed=EVAL_SEED,
-        rows="\n".join(rows),
+        rows="\n".join(rows), note=f"- Note: {args.card_note}\n" if args.card_note else "",
+        status=("meets the targets." if results[512]["all"] >= 0.98 and results[2048]["all"] >= 0.95 else
+                f"below target (exact match {results[512]['all']:.2f} at 512 and {results[2048]['all']:.2f} at 2048 tokens)."),
     )
     (out / "README.md").write_text(card)
     size = sum(f.stat().st_size for f in out.iterdir())
@@ -534,18 +786,23 @@ def main(argv=None) -> None:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--stages", default=DEFAULT_STAGES, help="LxBxSTEPS,... curriculum")
     p.add_argument("--mix-short", type=float, default=0.25)
-    p.add_argument("--copy-steps", type=int, default=200, help="warm-up steps on pure copy rows (64 tokens)")
-    p.add_argument("--copy-mix", type=float, default=0.2, help="fraction of copy rows after the warm-up")
+    p.add_argument("--copy-steps", type=int, default=150, help="warm-up steps on pure copy rows (64 tokens)")
+    p.add_argument("--copy-mix", type=float, default=0.05, help="fraction of copy rows after the warm-up")
+    p.add_argument("--phrase-mix", type=float, default=0.1, help="fraction of small-pool phrase rows after the warm-up")
+    p.add_argument("--fact-mix", type=float, default=0.4, help="fraction of restated-fact rows after the warm-up")
+    p.add_argument("--offset-heads", default="0:1,2:2", help="layer-0 heads supervised to attend a fixed offset back (head:offset,...)")
+    p.add_argument("--attn-weight", type=float, default=1.0, help="weight of the attention-supervision loss (0 = off)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--answer-weight", type=float, default=2.0, help="per-token weight of answer tokens")
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=150)
     p.add_argument("--eval-n", type=int, default=16, help="held-out examples per task for the quick evals")
     p.add_argument("--final-n", type=int, default=50, help="held-out examples per task at 512 (half at 2048)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop (with a checkpoint) after this long")
+    p.add_argument("--card-note", default="", help="extra sentence for the model card's training section")
     p.add_argument("--export-from", choices=("ckpt", "best"), default="ckpt")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from kvprune.demo import DEMO_MODEL_PATH, demo_model_available, load_demo_model
-from kvprune.eval.tasks import NAMES, TASKS, VALUES, build_suite, exact_match, format_prompt
+from kvprune.eval.tasks import (
+    NAMES,
+    TASKS,
+    VALUES,
+    build_suite,
+    exact_match,
+    format_prompt,
+)
 
 pytestmark = pytest.mark.skipif(
     not demo_model_available(),
@@ -51,7 +58,7 @@ def test_loads_offline_without_sentencepiece():
         "print(type(m).__name__, tok.eos_token_id, tok.pad_token_id)\n"
     )
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "", "HOME": "/tmp"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["LlamaForCausalLM", "2", "3"]
 
@@ -76,14 +83,35 @@ def _greedy_exact_match(model, tok, examples) -> float:
     return sum(exact_match(p, e["answer"]) for p, e in zip(preds, examples)) / len(examples)
 
 
-def test_answers_held_out_documents_512(demo):
+def _stated() -> dict:
+    """Exact match per length and task that the model card states (measured by scripts/train_demo.py)."""
+    return json.loads((DEMO_MODEL_PATH / "eval_results.json").read_text())
+
+
+@pytest.mark.parametrize("length, n_per_task", [(512, 8), (2048, 4)])
+def test_reaches_its_stated_accuracy(demo, length, n_per_task):
+    """Greedy full-cache exact match on other held-out documents agrees with the card, both ways.
+
+    The card's figure comes from 50 (512) / 25 (2048) documents per task; this sample is smaller, so the
+    allowed gap is three binomial standard deviations of the sample plus one example. (The project's
+    targets, 0.98 / 0.95, are stated in the card and are not claimed here.)
+    """
     model, tok = demo
-    examples = build_suite(seed=HELDOUT_SEED, n_per_task=5, lengths=(512,))
+    stated = _stated()[str(length)]
+    examples = build_suite(seed=HELDOUT_SEED, n_per_task=n_per_task, lengths=(length,))
     assert {e["task"] for e in examples} == set(TASKS)
-    assert _greedy_exact_match(model, tok, examples) >= 0.9
+    n = len(examples)
+    em = _greedy_exact_match(model, tok, examples)
+    p = stated["all"]
+    tolerance = 3 * (p * (1 - p) / n) ** 0.5 + 1 / n
+    assert abs(em - p) <= tolerance, (em, stated, tolerance)
+    card = (DEMO_MODEL_PATH / "README.md").read_text()
+    assert f"| {length} | " in card and f"{p:.3f}" in card
 
 
-def test_answers_held_out_documents_2048(demo):
+def test_retrieves_by_name_far_above_chance(demo):
+    """At 512 tokens the name-keyed tasks are answered, not guessed (chance is about 1 in 5 facts)."""
     model, tok = demo
-    examples = build_suite(seed=HELDOUT_SEED, n_per_task=2, lengths=(2048,))
-    assert _greedy_exact_match(model, tok, examples) >= 0.75
+    for task in ("needle", "multikey", "multidoc"):
+        examples = build_suite(seed=HELDOUT_SEED + 1, n_per_task=8, lengths=(512,), tasks=(task,))
+        assert _greedy_exact_match(model, tok, examples) >= 7 / 8, task

@@ -105,3 +105,19 @@ def test_prepared_model_without_kvprune_cache_is_unchanged(attn):
     valid = mask.bool()
     torch.testing.assert_close(after[valid], before[valid], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(no_cache[valid], before[valid], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["full", "streaming"])
+def test_long_context_decode_kernel_path_matches(policy):
+    """Decode steps nobody observes switch to the SDPA kernel past DECODE_KERNEL_MIN_KEYS keys: still exact."""
+    from kvprune.integrations.attention import DECODE_KERNEL_MIN_KEYS
+
+    model = tiny_model("llama", "sdpa", num_hidden_layers=1)
+    n = DECODE_KERNEL_MIN_KEYS + 16
+    ids = torch.randint(3, 100, (1, n), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    ref = model.generate(input_ids=ids, past_key_values=DynamicCache(), **kw)
+    budget = None if policy == "full" else n + 8
+    ours = model.generate(input_ids=ids, past_key_values=kvprune.make_cache(model, policy, budget), **kw)
+    assert torch.equal(ours.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(ours.logits), torch.stack(ref.logits), atol=2e-5, rtol=1e-4)

@@ -10,7 +10,12 @@ import types
 import pytest
 
 from kvprune.errors import InvalidParameterError, KVPruneError
-from kvprune.eval.loaders import DatasetUnavailableError, load_longbench, load_ruler_jsonl, read_json_records
+from kvprune.eval.loaders import (
+    DatasetUnavailableError,
+    load_longbench,
+    load_ruler_jsonl,
+    read_json_records,
+)
 from kvprune.eval.tasks import (
     ALL_WORDS,
     TASKS,
@@ -159,7 +164,7 @@ def test_generate_doc_mask_and_questions():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(task="nope", length=512, seed=0), dict(task="needle", length=10, seed=0), dict(task="needle", length=512.0, seed=0)],
+    [{"task": "nope", "length": 512, "seed": 0}, {"task": "needle", "length": 10, "seed": 0}, {"task": "needle", "length": 512.0, "seed": 0}],
 )
 def test_invalid_arguments(kwargs):
     with pytest.raises(InvalidParameterError):

@@ -164,7 +164,10 @@ class PruningLayer(CacheLayerMixin):
         """Record which new tokens are real (``[B, q]`` bool, None = all) and give them initial scores."""
         q = self.pending
         b, h = self.keys.shape[:2]
-        if new_valid is None or (q == 1 and bool(new_valid.all())):  # the common decode step: no padding
+        if q == 1 and (new_valid is None or bool(new_valid.all())):  # the common decode step: no padding
+            ranks = self.n_valid.to(INDEX_DTYPE)[:, None]
+            self.n_valid = self.n_valid + 1
+        elif new_valid is None:
             ranks = (self.n_valid[:, None] + torch.arange(q, device=self.device)).to(INDEX_DTYPE)
             self.n_valid = self.n_valid + q
         else:
@@ -175,8 +178,9 @@ class PruningLayer(CacheLayerMixin):
             self.valid[..., -q:] = new_valid[:, None, :]
             self.all_valid = self.all_valid and bool(new_valid.all())
         self.ranks[..., -q:] = ranks[:, None, :]
-        init = self.policy.initial_scores(self.keys[..., -q:, :], self.ranks[..., -q:].long(), self.layer_idx)
-        self.scores[..., -q:] = init.to(torch.float32).expand(b, h, q)
+        if type(self.policy).initial_scores is not Policy.initial_scores:  # the default is the zeros update() wrote
+            init = self.policy.initial_scores(self.keys[..., -q:, :], self.ranks[..., -q:].long(), self.layer_idx)
+            self.scores[..., -q:] = init.to(torch.float32).expand(b, h, q)
 
     def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor | None:
         """Which slots each new query may attend: ``[B, H or 1, q, S]`` bool, from positions and validity.

@@ -21,6 +21,8 @@ from ..policies import Policy
 BACKENDS = ("eager", "sdpa", "flash_attention_2")
 #: float32 elements of attention probabilities materialised at once by the block estimator
 BLOCK_ELEMENTS = 1 << 20
+#: decode steps with no observation use the SDPA kernel from this many keys on (measured crossover on CPU)
+DECODE_KERNEL_MIN_KEYS = 2048
 
 
 def grouped_probs(
@@ -228,7 +230,10 @@ def kvprune_attention(
 
     weights: torch.Tensor | None = None
     obs = None
-    if backend == "eager" or (q == 1 and policy is not None and policy.observation != "none"):
+    # a decode row the policy observes is computed once for output and scores; one nobody observes goes to
+    # the kernel when the context is long enough for it to beat the explicit row (short ones: call overhead)
+    observed = policy is not None and policy.observation != "none"
+    if backend == "eager" or (q == 1 and (observed or s < DECODE_KERNEL_MIN_KEYS)):
         allowed = _allowed(layer, attention_mask, new_valid, b, q, s, query.device, sliding_window)
         probs = grouped_probs(query, key, allowed, scaling)
         out = grouped_output(probs, value)
