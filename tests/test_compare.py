@@ -92,3 +92,32 @@ def test_cli_compare_writes_outputs(tmp_path, capsys):
     assert len(json.loads((out / "compare.json").read_text())) == len(df)
     assert (out / "compare.png").stat().st_size > 1000
     assert "nll_increase by policy and KV budget" in capsys.readouterr().out
+
+
+def test_run_qa_reads_the_question_against_the_compressed_context():
+    """The context is one forward (compressed after it), the question a second; with the full cache that equals one pass."""
+    import torch
+    from transformers import DynamicCache
+
+    from kvprune.eval.qa import run_qa
+
+    model = tiny_model("llama", "sdpa")
+    tok = CharTokenizer()
+    examples = [{"id": str(i), "task": "toy", "context": "abcd " * (8 + 3 * i), "question": "q?" * (1 + i), "answer": "zz"}
+                for i in range(3)]
+    seen = []
+    original = model.forward
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["input_ids"].shape[1])
+        return original(*args, **kwargs)
+
+    model.forward = recording
+    answers = run_qa(model, tok, examples, "full", max_new_tokens=3, batch_size=3)
+    model.forward = original
+    widths = (len(tok.encode(examples[-1]["context"])), len(tok.encode(" " + examples[-1]["question"], add_special_tokens=False)))
+    assert seen[:2] == list(widths), "context and question are separate forwards"
+    for ex, a in zip(examples, answers):  # full cache: the same answer as one plain generate over the whole prompt
+        ids = torch.tensor([tok.encode(ex["context"] + " " + ex["question"])])
+        out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0, past_key_values=DynamicCache())
+        assert a.prediction == tok.decode(out[0, ids.shape[1]:]).split("\n")[0].strip()

@@ -80,6 +80,8 @@ def cmd_compare(args) -> int:
     full = rows[rows["policy"] == "full"]
     if len(full):
         print(f"full cache: {float(full['value'].mean()):.3f}")
+    for policy, group in rows[(rows["policy"] != "full") & rows["budget"].isna()].groupby("policy"):
+        print(f"{policy} (no KV budget): {float(group['value'].mean()):.3f}")
     fig = plot_quality_vs_budget(df, metric=metric)
     fig.savefig(out / "compare.png", dpi=120)
     print(f"\nwrote {out / 'compare.csv'}, {out / 'compare.json'}, {out / 'compare.png'}")
