@@ -115,3 +115,15 @@ def test_retrieves_by_name_far_above_chance(demo):
     for task in ("needle", "multikey", "multidoc"):
         examples = build_suite(seed=HELDOUT_SEED + 1, n_per_task=8, lengths=(512,), tasks=(task,))
         assert _greedy_exact_match(model, tok, examples) >= 7 / 8, task
+
+
+def test_batched_qa_equals_one_at_a_time(demo):
+    """Rows of a batch that stop early keep being fed while others decode; their answers must not change."""
+    from kvprune.eval.qa import run_qa
+
+    model, tok = demo
+    examples = build_suite(seed=HELDOUT_SEED + 2, n_per_task=2, lengths=(512,))
+    for policy, budget in (("lazyllm", None), ("h2o", 0.5)):
+        alone = [a.prediction for a in run_qa(model, tok, examples, policy, budget, batch_size=1)]
+        batched = [a.prediction for a in run_qa(model, tok, examples, policy, budget, batch_size=4)]
+        assert batched == alone, policy

@@ -125,7 +125,10 @@ def run_qa(
                                                     stop_ids, context_len=wc if wq else None)
         kv = cache.stats().kv_bytes // len(idx)
         for row, i in enumerate(idx):
-            text = tokenizer.decode(tokens[row], skip_special_tokens=True)
+            row_tokens = tokens[row].tolist()
+            # a row that stopped keeps being fed while others decode: drop what follows its stop token
+            end = next((k for k, t in enumerate(row_tokens) if t in stop_ids), len(row_tokens))
+            text = tokenizer.decode(row_tokens[:end], skip_special_tokens=True)
             for s in stop_strings:
                 text = text.split(s)[0]
             ex = examples[i]
