@@ -27,6 +27,29 @@ def _pack_left(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, packed >= 0
 
 
+def step_inputs(
+    base: torch.nn.Module,
+    n_seen: int,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's new tokens as ``(embeddings [B, q, D] (a fresh tensor), real [B, q], RoPE positions [B, q])``."""
+    embeds = base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.clone()
+    b, q, _ = embeds.shape
+    if attention_mask is None:
+        valid = torch.ones((b, q), dtype=torch.bool, device=embeds.device)
+    else:
+        valid = attention_mask[:, -q:].to(torch.bool)
+    if position_ids is None:
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
+        else:
+            position_ids = torch.arange(n_seen, n_seen + q, device=embeds.device)
+    return embeds, valid, position_ids.expand(b, q).to(embeds.device)
+
+
 @torch.no_grad()
 def lazy_forward(
     base: torch.nn.Module,
@@ -41,19 +64,9 @@ def lazy_forward(
     Returns the final hidden states of the new tokens; a new token pruned before the last layer
     (only possible for non-final prompt tokens) has NaN there, since it was never computed.
     """
-    embeds = base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    embeds, valid, position_ids = step_inputs(base, cache.n_seen, input_ids, attention_mask, position_ids, inputs_embeds)
     b, q, d = embeds.shape
-    seen = cache.n_seen
-    if attention_mask is None:
-        valid = torch.ones((b, q), dtype=torch.bool, device=embeds.device)
-    else:
-        valid = attention_mask[:, -q:].to(torch.bool)
-    if position_ids is None:
-        if attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
-        else:
-            position_ids = torch.arange(seen, seen + q, device=embeds.device).expand(b, q)
-    cache.append_tokens(embeds, valid, position_ids.expand(b, q).to(embeds.device))
+    cache.append_tokens(embeds, valid, position_ids)
 
     n_tokens = cache.n_seen
     selected = cache.token_valid.clone()  # every step starts again from the full context

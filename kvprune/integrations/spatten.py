@@ -20,7 +20,7 @@ from ..caches.quant import QTensor
 from ..caches.spatten import SpAttenCache, SpAttenLayer
 from ..policies.spatten import SpAtten
 from .attention import BLOCK_ELEMENTS
-from .lazyllm import _pack_left
+from .lazyllm import _pack_left, step_inputs
 from .models import check_architecture, prepare_model
 
 
@@ -34,16 +34,9 @@ def spatten_forward(
     inputs_embeds: torch.Tensor | None = None,
 ) -> BaseModelOutputWithPast:
     """One step through ``base`` (e.g. ``LlamaModel``); tokens pruned before the last layer get NaN outputs."""
-    hidden = base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.clone()
+    hidden, valid, position_ids = step_inputs(base, cache.n_seen, input_ids, attention_mask, position_ids, inputs_embeds)
     b, q, d = hidden.shape
     start = cache.n_seen
-    valid = torch.ones((b, q), dtype=torch.bool, device=hidden.device) if attention_mask is None else attention_mask[:, -q:].to(torch.bool)
-    if position_ids is None:
-        if attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
-        else:
-            position_ids = torch.arange(start, start + q, device=hidden.device).expand(b, q)
-    position_ids = position_ids.expand(b, q).to(hidden.device)
     cache.append_tokens(valid)
     n_valid = cache.token_valid.sum(-1)  # [B]
     k_new = valid.sum(-1)
