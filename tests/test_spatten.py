@@ -313,6 +313,7 @@ def test_assisted_decoding_refused():
     model = tiny_model("llama", "sdpa", num_hidden_layers=N_LAYERS)
     assistant = tiny_model("llama", "sdpa", num_hidden_layers=N_LAYERS, seed=1)
     ids, mask = padded_batch([12])
+    cache = kvprune.make_cache(model, "spatten")  # before ``model.generate`` is looked up: it installs the guard
     with pytest.raises(UnsupportedGenerationModeError):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                       assistant_model=assistant, past_key_values=kvprune.make_cache(model, "spatten"))
+                       assistant_model=assistant, past_key_values=cache)

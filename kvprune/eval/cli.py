@@ -112,6 +112,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from ..integrations import make_cache
+    from ..integrations.compat import with_cache
 
     model, tokenizer = load_model(args.model, args.attn)
     if tokenizer is None:
@@ -119,7 +120,7 @@ def cmd_generate(args) -> int:
     inputs = tokenizer(args.prompt, return_tensors="pt")
     cache = make_cache(model, args.policy, args.budget, **_params(args.params))
     with torch.no_grad():
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+        out = model.generate(**inputs, **with_cache(cache), max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     stats = cache.stats()
     print(f"[{args.policy}, budget {args.budget}: {stats.tokens_seen} tokens seen, KV {stats.kv_bytes} bytes]", file=sys.stderr)

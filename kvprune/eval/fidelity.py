@@ -17,6 +17,7 @@ import torch
 from ..caches import Budget, PruningCache
 from ..errors import InvalidParameterError
 from ..integrations import make_cache
+from ..integrations.compat import with_cache
 from ..policies import Policy
 
 __all__ = [
@@ -108,12 +109,12 @@ def _teacher_force(
     with torch.inference_mode():
         _sync(device)
         t0 = time.perf_counter()
-        logits = model(input_ids=seq[:, :prompt_len], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=seq[:, :prompt_len], **with_cache(cache), use_cache=True, logits_to_keep=1).logits
         out.append(torch.log_softmax(logits[:, -1].float(), dim=-1))
         _sync(device)
         t1 = time.perf_counter()
         for t in range(prompt_len, length - 1):
-            logits = model(input_ids=seq[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=seq[:, t : t + 1], **with_cache(cache), use_cache=True).logits
             out.append(torch.log_softmax(logits[:, -1].float(), dim=-1))
         _sync(device)
         t2 = time.perf_counter()

@@ -17,6 +17,7 @@ import torch
 
 from ..caches import Budget
 from ..integrations import make_cache
+from ..integrations.compat import with_cache
 from ..policies import Policy
 from .tasks import exact_match
 from .tasks import format_prompt as default_prompt
@@ -59,7 +60,7 @@ def greedy_decode(
     t0 = time.perf_counter()
     for a, b in zip(cuts, cuts[1:]):
         logits = model(input_ids=input_ids[:, a:b], attention_mask=attention_mask[:, :b], position_ids=pos[:, a:b],
-                       past_key_values=cache, logits_to_keep=1).logits
+                       **with_cache(cache), logits_to_keep=1).logits
     t1 = time.perf_counter()
     out, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     mask, step_pos = attention_mask, pos[:, -1:]
@@ -71,7 +72,7 @@ def greedy_decode(
             break
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
         step_pos = step_pos + 1
-        logits = model(input_ids=nxt, attention_mask=mask, position_ids=step_pos, past_key_values=cache).logits
+        logits = model(input_ids=nxt, attention_mask=mask, position_ids=step_pos, **with_cache(cache)).logits
     return torch.cat(out, 1), t1 - t0, time.perf_counter() - t1
 
 

@@ -12,6 +12,7 @@ import torch
 
 from ..caches.lazy import LazyCache
 from ..caches.spatten import SpAttenCache
+from .compat import pop_cache, with_cache
 
 
 def prepare_stepwise(model: torch.nn.Module) -> torch.nn.Module:
@@ -24,14 +25,14 @@ def prepare_stepwise(model: torch.nn.Module) -> torch.nn.Module:
         return model
     original = base.forward
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, **kwargs: Any):
-        if isinstance(past_key_values, LazyCache):
-            return lazy_forward(self, past_key_values, input_ids, attention_mask, position_ids, inputs_embeds)
-        if isinstance(past_key_values, SpAttenCache):
-            return spatten_forward(self, past_key_values, input_ids, attention_mask, position_ids, inputs_embeds)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs: Any):
+        cache = pop_cache(kwargs)  # ``cache`` from transformers 5.24 on, ``past_key_values`` before
+        if isinstance(cache, LazyCache):
+            return lazy_forward(self, cache, input_ids, attention_mask, position_ids, inputs_embeds)
+        if isinstance(cache, SpAttenCache):
+            return spatten_forward(self, cache, input_ids, attention_mask, position_ids, inputs_embeds)
         return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
+                        inputs_embeds=inputs_embeds, **with_cache(cache), **kwargs)
 
     base.forward = types.MethodType(forward, base)
     base._kvprune_stepwise = True

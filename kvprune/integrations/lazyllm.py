@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..caches.lazy import LazyCache
 from ..policies.lazyllm import LazyLLM
+from .compat import base_output, with_cache
 from .models import check_architecture, prepare_model
 
 
@@ -85,7 +86,7 @@ def lazy_forward(
             hidden,
             attention_mask=None,
             position_ids=rope,
-            past_key_values=cache,
+            **with_cache(cache),
             use_cache=True,
             position_embeddings=base.rotary_emb(hidden, rope),
         )
@@ -101,7 +102,7 @@ def lazy_forward(
     final = cache.hidden[:, n_tokens - q :]
     done = (cache.depth[:, n_tokens - q :] == last)[..., None]
     final = torch.where(done, base.norm(final), torch.full_like(final, float("nan")))
-    return BaseModelOutputWithPast(last_hidden_state=final, past_key_values=cache)
+    return base_output(final, cache)
 
 
 def prepare_lazy(model: torch.nn.Module) -> torch.nn.Module:

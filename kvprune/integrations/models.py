@@ -31,10 +31,36 @@ def check_architecture(config: Any) -> None:
         raise UnsupportedArchitectureError(f"layer types {odd} are not supported; kvprune handles full and sliding attention")
 
 
+_ROLLBACK_MODES = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+def _guard_generate(model: torch.nn.Module) -> None:
+    """Refuse assisted / prompt-lookup ``generate`` with a kvprune cache before it runs (idempotent).
+
+    Those modes roll the cache back after rejected drafts, which an evicting cache cannot do; since
+    transformers 5.24 generate would otherwise stop with its own ValueError after the prefill.
+    """
+    if getattr(model, "_kvprune_generate_guard", False) or not hasattr(model, "generate"):
+        return
+    original = model.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if isinstance(cache, (PruningCache, LazyCache, SpAttenCache)):
+            configs = [kwargs, vars(kwargs.get("generation_config") or model.generation_config)]
+            if any(c.get(name) is not None for c in configs for name in _ROLLBACK_MODES):
+                cache.crop(0)  # raises the cache's UnsupportedGenerationModeError
+        return original(*args, **kwargs)
+
+    model.generate = generate
+    model._kvprune_generate_guard = True
+
+
 def prepare_model(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
     """Route ``model``'s attention through kvprune, keeping its backend (or switching to ``backend``)."""
     check_architecture(model.config)
     register()
+    _guard_generate(model)
     current = model.config._attn_implementation or "eager"
     base = backend or (current[len(ATTN_PREFIX) :] if current.startswith(ATTN_PREFIX) else current)
     if base not in BACKENDS:

@@ -13,13 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPast
+import torch.nn.functional as F
 
 from ..caches.quant import QTensor
 from ..caches.spatten import SpAttenCache, SpAttenLayer
 from ..policies.spatten import SpAtten
 from .attention import BLOCK_ELEMENTS
+from .compat import base_output, with_cache
 from .lazyllm import _pack_left, step_inputs
 from .models import check_architecture, prepare_model
 
@@ -49,7 +50,7 @@ def spatten_forward(
         h = hidden.gather(1, src[..., None].expand(-1, -1, d))
         rope = position_ids.gather(1, src)
         cache.layers[idx].begin(torch.where(qvalid, local + start, -1), qvalid)
-        out = layer(h, attention_mask=None, position_ids=rope, past_key_values=cache, use_cache=True,
+        out = layer(h, attention_mask=None, position_ids=rope, **with_cache(cache), use_cache=True,
                     position_embeddings=base.rotary_emb(h, rope))
         out = out[0] if isinstance(out, tuple) else out
         bi, pi = rows.expand_as(local)[qvalid], local[qvalid]
@@ -58,7 +59,7 @@ def spatten_forward(
         cache.prune_after(idx)
     done = (cache.depth[:, start:] == len(cache.layers))[..., None]
     final = torch.where(done, base.norm(hidden), torch.full_like(hidden, float("nan")))
-    return BaseModelOutputWithPast(last_hidden_state=final, past_key_values=cache)
+    return base_output(final, cache)
 
 
 def _probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
