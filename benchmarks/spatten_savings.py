@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import kvprune
-from kvprune.eval.fidelity import _teacher_force, fidelity_metrics, full_reference, sample_sequences
+from kvprune.eval.fidelity import _teacher_force, fidelity, fidelity_metrics, full_reference, sample_sequences
 from kvprune.integrations.llama2c import default_stories260k_path, load_llama2c
 
 CONFIGS: list[tuple[str, dict]] = [
@@ -48,12 +48,25 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for label, params in CONFIGS:
         cache = kvprune.make_cache(model, "spatten", **params)
-        lp, _, _ = _teacher_force(model, seqs, cache, prompt)
+        lp, *_ = _teacher_force(model, seqs, cache, prompt)
         m = fidelity_metrics(lp, ref.log_probs, seqs[:, prompt:])
         s = cache.spatten_stats()
         print(f"| {label} | {m['nll_increase']:.4f} | {m['greedy_agreement']:.3f} | {s['attention_compute_fraction']:.3f} | "
               f"{s['kv_bytes'] / s['kv_bytes_full_float']:.3f} | {s['bytes_read'] / s['bytes_read_full_float']:.3f} | "
               f"{s['refetch_fraction']:.3f} |")
+    equal_memory(model, seqs, ref, prompt)
+
+
+def equal_memory(model, seqs, ref, prompt: int) -> None:
+    """SpAtten beside H2O, A2SF and random holding the same fraction of the tokens seen at every step."""
+    print("\nat equal KV memory (each holds the fraction of the tokens seen at every step; SpAtten from layer 1 on):")
+    print("| KV fraction | policy | NLL increase | greedy agreement | KV held, mean over the run |")
+    print("|---|---|---|---|---|")
+    for frac in (0.25, 0.5, 0.75):
+        for policy, params in (("spatten", {"token_start": 0.0}), ("h2o", {}), ("a2sf", {}), ("random", {})):
+            r = fidelity(model, seqs, policy, frac, prompt_len=prompt, reference=ref, **params)
+            print(f"| {frac:.2f} | {policy} | {r.nll_increase:.4f} | {r.greedy_agreement:.3f} | "
+                  f"{r.kv_bytes_mean / r.kv_bytes_mean_full:.3f} |")
 
 
 if __name__ == "__main__":

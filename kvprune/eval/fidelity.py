@@ -98,27 +98,35 @@ def _sync(device: torch.device) -> None:
 
 
 def _teacher_force(
-    model: torch.nn.Module, sequences: torch.Tensor, cache: PruningCache, prompt_len: int
-) -> tuple[torch.Tensor, float, float]:
-    """:func:`teacher_forced_log_probs` plus the prefill and total decode wall times in seconds."""
+    model: torch.nn.Module, sequences: torch.Tensor, cache: PruningCache, prompt_len: int, *, track_bytes: bool = False
+) -> tuple[torch.Tensor, float, float, float]:
+    """:func:`teacher_forced_log_probs`, the prefill and total decode wall times in seconds, and the KV
+    bytes held after each forward averaged over the run (``nan`` unless ``track_bytes``; not timed)."""
     _check_inputs(sequences, prompt_len)
     device = next(model.parameters()).device
     seq = sequences.to(device)
     length = seq.shape[1]
     out: list[torch.Tensor] = []
+    held: list[int] = []
+    decode_s = 0.0
     with torch.inference_mode():
         _sync(device)
         t0 = time.perf_counter()
         logits = model(input_ids=seq[:, :prompt_len], **with_cache(cache), use_cache=True, logits_to_keep=1).logits
         out.append(torch.log_softmax(logits[:, -1].float(), dim=-1))
         _sync(device)
-        t1 = time.perf_counter()
+        prefill_s = time.perf_counter() - t0
         for t in range(prompt_len, length - 1):
+            if track_bytes:
+                held.append(cache.stats().kv_bytes)
+            t1 = time.perf_counter()
             logits = model(input_ids=seq[:, t : t + 1], **with_cache(cache), use_cache=True).logits
             out.append(torch.log_softmax(logits[:, -1].float(), dim=-1))
-        _sync(device)
-        t2 = time.perf_counter()
-    return torch.stack(out, dim=1), t1 - t0, t2 - t1
+            _sync(device)
+            decode_s += time.perf_counter() - t1
+        if track_bytes:
+            held.append(cache.stats().kv_bytes)
+    return torch.stack(out, dim=1), prefill_s, decode_s, sum(held) / len(held) if held else math.nan
 
 
 def teacher_forced_log_probs(
@@ -170,6 +178,7 @@ class FullReference:
     prompt_len: int
     log_probs: torch.Tensor  # [n, length - prompt_len, vocab] float32
     kv_bytes: int
+    kv_bytes_mean: float  # KV bytes held after each forward, averaged over the run
 
     def matches(self, sequences: torch.Tensor, prompt_len: int) -> bool:
         """Whether this reference was computed for exactly these sequences and prompt length."""
@@ -183,8 +192,8 @@ class FullReference:
 def full_reference(model: torch.nn.Module, sequences: torch.Tensor, *, prompt_len: int) -> FullReference:
     """Run the same prefill + teacher-forced decode with ``policy="full"`` (no eviction)."""
     cache = make_cache(model, "full")
-    lp = teacher_forced_log_probs(model, sequences, cache, prompt_len=prompt_len)
-    return FullReference(sequences.detach().cpu().clone(), prompt_len, lp, cache.stats().kv_bytes)
+    lp, _, _, held = _teacher_force(model, sequences, cache, prompt_len, track_bytes=True)
+    return FullReference(sequences.detach().cpu().clone(), prompt_len, lp, cache.stats().kv_bytes, held)
 
 
 @dataclass
@@ -198,8 +207,12 @@ class FidelityResult:
     nll_increase: float
     greedy_agreement: float
     kl: float
-    kv_bytes: int
+    kv_bytes: int  # held at the end
     kv_bytes_full: int
+    #: held after each forward, averaged over the run: equal budgets hold equal memory throughout only if
+    #: these agree too (an int budget holds everything until it fills; a ratio budget prunes from the start)
+    kv_bytes_mean: float
+    kv_bytes_mean_full: float
     n_sequences: int
     n_tokens: int
     prefill_s: float  # wall seconds per sequence (the batched prefill divided by n_sequences)
@@ -232,7 +245,7 @@ def fidelity(
     elif not reference.matches(sequences, prompt_len):
         raise InvalidParameterError("reference was computed for other sequences or another prompt_len")
     cache = make_cache(model, policy, budget, **policy_params)
-    lp, prefill_s, decode_s = _teacher_force(model, sequences, cache, prompt_len)
+    lp, prefill_s, decode_s, held = _teacher_force(model, sequences, cache, prompt_len, track_bytes=True)
     targets = sequences[:, prompt_len:].to(lp.device)
     n = int(sequences.shape[0])
     metrics = fidelity_metrics(lp, reference.log_probs.to(lp.device), targets)
@@ -241,6 +254,8 @@ def fidelity(
         budget=budget if not isinstance(budget, Budget) else (budget.tokens if budget.tokens is not None else budget.ratio),
         kv_bytes=cache.stats().kv_bytes,
         kv_bytes_full=reference.kv_bytes,
+        kv_bytes_mean=held,
+        kv_bytes_mean_full=reference.kv_bytes_mean,
         n_sequences=n,
         n_tokens=int(targets.numel()),
         prefill_s=prefill_s / n,
