@@ -16,7 +16,22 @@ from .caches.lazy import LazyCache
 from .caches.spatten import SpAttenCache
 from .policies.lazyllm import LazyLLM
 from .policies.spatten import SpAtten
-from .policies import A2SF, H2O, METHODS, POLICIES, TOVA, FullCache, KNorm, Policy, RandomPolicy, SnapKV, StreamingLLM, build_policy
+from .policies import (
+    A2SF,
+    H2O,
+    METHODS,
+    POLICIES,
+    TOVA,
+    FullCache,
+    KeyDiff,
+    KNorm,
+    ObservedAttention,
+    Policy,
+    RandomPolicy,
+    SnapKV,
+    StreamingLLM,
+    build_policy,
+)
 
 __version__ = "0.1.0"
 
@@ -34,10 +49,12 @@ __all__ = [
     "InvalidBudgetError",
     "InvalidParameterError",
     "KNorm",
+    "KeyDiff",
     "LazyCache",
     "LazyLLM",
     "KVPruneError",
     "METHODS",
+    "ObservedAttention",
     "Policy",
     "PruningCache",
     "RandomPolicy",

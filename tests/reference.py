@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from kvprune.policies import A2SF, H2O, TOVA, KNorm, Policy, RandomPolicy, SnapKV, StreamingLLM
+import math
+
+from kvprune.policies import A2SF, H2O, TOVA, KeyDiff, KNorm, ObservedAttention, Policy, RandomPolicy, SnapKV, StreamingLLM
 from kvprune.policies.random import hash_uniform
 
 
@@ -110,11 +112,26 @@ class Reference:
                 if len(kept) > cap:
                     recent = max(int(pol.recent_tokens(torch.tensor([cap]))[0]), 1)
                     prot = {p for p in kept if ranks[p] < pol.n_sink or ranks[p] >= n_valid - recent}
-                    others = sorted(kept - prot, key=lambda p: (-sc[p], p))  # ties: older token first
+                    rank_by = self._eviction_rule(i, r, h, kept, sc, ranks, n_valid)
+                    others = sorted(kept - prot, key=lambda p: (-rank_by[p], p))  # ties: older token first
                     kept &= prot | set(others[: cap - len(prot)])
                     for p in list(sc):
                         if p not in kept:
                             del sc[p]
+
+    def _eviction_rule(self, i, r, h, kept, sc, ranks, n_valid):
+        """What the eviction ranks tokens by: the score, unless the rule needs the whole kept set."""
+        pol = self.policy
+        if isinstance(pol, ObservedAttention):  # mean attention: the sum over the n - rank queries that saw it
+            return {p: sc[p] / (n_valid - ranks[p]) for p in kept}
+        if isinstance(pol, KeyDiff):  # -cos(k, mean of the kept unit keys)
+            keys = {p: self.keys[i][r, h, p].tolist() for p in kept}
+            units = {p: [x / math.sqrt(sum(y * y for y in k)) for x in k] for p, k in keys.items()}
+            d = len(next(iter(units.values())))
+            anchor = [sum(u[j] for u in units.values()) / len(units) for j in range(d)]
+            norm_a = math.sqrt(sum(a * a for a in anchor))
+            return {p: -sum(x * a for x, a in zip(u, anchor)) / norm_a for p, u in units.items()}
+        return sc
 
     def _initial(self, i, r, h, p, rank):
         pol = self.policy

@@ -31,7 +31,7 @@ from kvprune.errors import (
 NAN, INF = float("nan"), float("inf")
 SUPPORTED = "supported: llama, mistral, qwen2, qwen3"
 BACKENDS = "valid: eager, sdpa, flash_attention_2"
-POLICY_NAMES = "valid names: a2sf, full, h2o, knorm, random, snapkv, streaming, tova"
+POLICY_NAMES = "valid names: a2sf, full, h2o, keydiff, knorm, observed, random, snapkv, streaming, tova"
 
 
 def raises(cls: type[Exception], phrase: str):

@@ -20,6 +20,10 @@ CASES = {
     "knorm": ("knorm", {}),
     "random": ("random", {"seed": 3}),
     "streaming": ("streaming", {"n_sink": 2}),
+    "observed": ("observed", {}),
+    "observed_recent": ("observed", {"recent": 2}),
+    "keydiff": ("keydiff", {}),
+    "keydiff_sink": ("keydiff", {"n_sink": 1}),
 }
 BUDGET = 8
 STEPS = 10

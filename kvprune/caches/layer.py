@@ -238,7 +238,10 @@ class PruningLayer(CacheLayerMixin):
         cap = int(caps.max())
         if self.keys.shape[-2] <= cap and not bool((self.valid.sum(-1) > caps[:, None]).any()):
             return
-        eff = self.scores.masked_fill(self.protected(caps), float("inf")).masked_fill(~self.valid, float("-inf"))
+        eff = self.scores
+        if type(self.policy).eviction_scores is not Policy.eviction_scores:
+            eff = self.policy.eviction_scores(eff, self.keys, self.ranks, self.valid, self.n_valid)
+        eff = eff.masked_fill(self.protected(caps), float("inf")).masked_fill(~self.valid, float("-inf"))
         s = self.keys.shape[-2]
         if s == cap + 1 and bool((caps == cap).all()):
             # one slot over everywhere (a decode step): drop the lowest score, the newest among equals,

@@ -10,14 +10,17 @@ from .a2sf import A2SF
 from .base import OBSERVATIONS, Observation, Policy
 from .full import FullCache
 from .h2o import H2O
+from .keydiff import KeyDiff
 from .knorm import KNorm
+from .observed import ObservedAttention
 from .random import RandomPolicy
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .tova import TOVA
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (FullCache, StreamingLLM, H2O, TOVA, SnapKV, KNorm, RandomPolicy, A2SF)
+    cls.name: cls
+    for cls in (FullCache, StreamingLLM, H2O, TOVA, SnapKV, KNorm, RandomPolicy, A2SF, ObservedAttention, KeyDiff)
 }
 #: every method ``kvprune.make_cache`` accepts by name: the eviction policies plus LazyLLM and SpAtten
 METHODS: tuple[str, ...] = tuple(sorted({*POLICIES, "lazyllm", "spatten"}))
@@ -45,8 +48,10 @@ __all__ = [
     "A2SF",
     "H2O",
     "KNorm",
+    "KeyDiff",
     "METHODS",
     "OBSERVATIONS",
+    "ObservedAttention",
     "POLICIES",
     "FullCache",
     "Observation",

@@ -83,3 +83,14 @@ class Policy:
     def update_scores(self, scores: torch.Tensor, obs: torch.Tensor | None, n_new: int) -> torch.Tensor:
         """New per-slot scores after a forward of ``n_new`` queries that observed ``obs``."""
         return scores
+
+    def eviction_scores(
+        self, scores: torch.Tensor, keys: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor
+    ) -> torch.Tensor:
+        """What eviction ranks the slots by, ``[B, H, S]`` (higher is kept): by default the score state.
+
+        Called only when the cache evicts, with the kept ``keys [B, H, S, D]``, each slot's ``ranks``
+        (valid-token index, -1 for padding), ``valid`` and the row's token count ``n_valid [B]``; for
+        rules that depend on the whole cache rather than on each slot's history (a mean, an anchor).
+        """
+        return scores
