@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvprune
+from kvprune.integrations.compat import with_cache
 
 
 def attention_bound_model(max_positions: int) -> LlamaForCausalLM:
@@ -32,10 +33,10 @@ def attention_bound_model(max_positions: int) -> LlamaForCausalLM:
 def time_decode(model, ids: torch.Tensor, cache, steps: int) -> float:
     """Prefill ``ids`` into ``cache``, then seconds per greedy decode step over ``steps`` steps."""
     with torch.no_grad():
-        nxt = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+        nxt = model(input_ids=ids, **with_cache(cache), logits_to_keep=1).logits.argmax(-1)
         t = time.perf_counter()
         for _ in range(steps):
-            nxt = model(input_ids=nxt, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+            nxt = model(input_ids=nxt, **with_cache(cache), logits_to_keep=1).logits.argmax(-1)
     return (time.perf_counter() - t) / steps
 
 

@@ -65,6 +65,7 @@ from transformers import DynamicCache
 import kvprune
 from kvprune.eval.fidelity import fidelity_metrics, sample_sequences
 from kvprune.eval.tasks import exact_match
+from kvprune.integrations.compat import with_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _greedy import answer  # noqa: E402
@@ -73,7 +74,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORKER = HERE / "_kvpress_worker.py"
 
-POLICIES = ("a2sf", "h2o", "tova", "snapkv", "streaming", "knorm", "random")
+POLICIES = ("a2sf", "h2o", "observed", "keydiff", "tova", "snapkv", "streaming", "knorm", "random")
 MODES = ("peak", "one-shot", "ratio")
 QA_MODES = ("peak", "one-shot")
 PRESSES = (
@@ -130,13 +131,13 @@ def kvprune_teacher_force(model, seqs: torch.Tensor, prompt_len: int, policy: st
     out = []
     with torch.inference_mode():
         t0 = time.perf_counter()
-        logits = model(input_ids=seqs[:, :prompt_len], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=seqs[:, :prompt_len], **with_cache(cache), use_cache=True, logits_to_keep=1).logits
         out.append(torch.log_softmax(logits[:, -1].float(), dim=-1))
         t1 = time.perf_counter()
         kept_prefill = mean_kept(cache)
         for t in range(prompt_len, length - 1):
             pos = torch.full((seqs.shape[0], 1), t, dtype=torch.long)
-            logits = model(input_ids=seqs[:, t : t + 1], past_key_values=cache, position_ids=pos, use_cache=True).logits
+            logits = model(input_ids=seqs[:, t : t + 1], **with_cache(cache), position_ids=pos, use_cache=True).logits
             out.append(torch.log_softmax(logits[:, -1].float(), dim=-1))
         t2 = time.perf_counter()
     return torch.stack(out, dim=1), t1 - t0, t2 - t1, kept_prefill, mean_kept(cache)
@@ -152,7 +153,7 @@ def kvprune_qa(model, examples: list[dict], policy: str, mode: str, ratio: float
             n_kept = n_kept_for(n_ctx, ratio)
             cache = make_kvprune_cache(model, policy, mode, ratio, n_kept, q.shape[1] + max_new - 1)
             t0 = time.perf_counter()
-            model.model(input_ids=ctx, past_key_values=cache, use_cache=True)
+            model.model(input_ids=ctx, **with_cache(cache), use_cache=True)
             kept.append(mean_kept(cache))
             gen, t1 = answer(model, cache, q, n_ctx, max_new, stop)
             t2 = time.perf_counter()

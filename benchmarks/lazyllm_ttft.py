@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvprune
+from kvprune.integrations.compat import with_cache
 
 
 def timed(fn, repeats):
@@ -55,7 +56,7 @@ def main() -> None:
         def gen(make, new):
             with torch.no_grad():
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                               min_new_tokens=new, do_sample=False, past_key_values=make(), pad_token_id=0)
+                               min_new_tokens=new, do_sample=False, **with_cache(make()), pad_token_id=0)
 
         full = lambda: (model.set_attn_implementation("sdpa"), DynamicCache())[1]  # noqa: E731  plain transformers
         lazy = lambda: kvprune.make_cache(model, "lazyllm", prune_ratios=ratios)  # noqa: E731
@@ -72,7 +73,7 @@ def main() -> None:
         cache = lazy()
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                           min_new_tokens=args.new_tokens, do_sample=False, past_key_values=cache, pad_token_id=0)
+                           min_new_tokens=args.new_tokens, do_sample=False, **with_cache(cache), pad_token_id=0)
         st = cache.compute_stats()
         print(f"| {n} | {ttft_full:.3f} | {ttft_lazy:.3f} | {ttft_full / ttft_lazy:.2f}x | {tot_full:.3f} | "
               f"{tot_lazy:.3f} | {tot_full / tot_lazy:.2f}x | {st['computed'] / st['baseline']:.2f} |")

@@ -20,6 +20,7 @@ from decode_throughput import attention_bound_model, kv_bytes
 from transformers import DynamicCache
 
 import kvprune
+from kvprune.integrations.compat import with_cache
 
 
 def rss_mib() -> float:
@@ -32,9 +33,9 @@ def run(model, cache, tokens: int, every: int) -> list[tuple[int, float, float]]
     ids = torch.randint(3, 256, (1, 32), generator=torch.Generator().manual_seed(0))
     samples = []
     with torch.no_grad():
-        nxt = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+        nxt = model(input_ids=ids, **with_cache(cache), logits_to_keep=1).logits.argmax(-1)
         for step in range(1, tokens + 1):
-            nxt = model(input_ids=nxt, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+            nxt = model(input_ids=nxt, **with_cache(cache), logits_to_keep=1).logits.argmax(-1)
             if step % every == 0:
                 samples.append((step, rss_mib(), kv_bytes(cache)[0] / 2**20))
     return samples

@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvprune
+from kvprune.integrations.compat import with_cache
 
 MODES = {"full": "none", "knorm": "none", "tova": "last_query", "snapkv": "window (32)", "h2o": "all_queries",
          "a2sf": "all_queries (weighted)"}
@@ -52,7 +53,7 @@ def main() -> None:
                 cache = make()
                 with torch.no_grad():
                     t = time.perf_counter()
-                    model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+                    model(input_ids=ids, **with_cache(cache), logits_to_keep=1)
                     times[name].append(time.perf_counter() - t)
         dyn, full = statistics.median(times["DynamicCache"]), statistics.median(times["full"])
         print(f"| {n} | DynamicCache | - | {dyn:.3f} | - | 1.00x |")

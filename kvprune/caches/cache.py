@@ -75,7 +75,7 @@ class PruningCache(Cache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.config is not None:
+        if self.config is not None and layer_idx == 0:  # once per forward
             impl = str(getattr(self.config, "_attn_implementation", None))
             if not impl.startswith(ATTN_PREFIX):
                 raise CacheUsageError(

@@ -16,6 +16,10 @@ from ..policies import Policy
 from .budget import Budget
 
 INDEX_DTYPE = torch.int32
+#: a full buffer grows by max(GROWTH_MIN, held // GROWTH_DIV) free slots (amortised appends, <= 1/8 slack)
+GROWTH_MIN, GROWTH_DIV = 16, 8
+#: what a free slot holds for (keys, values, positions, ranks, valid, scores); None: written by the append
+_FREE_SLOT = (None, None, None, -1, True, 0.0)
 
 
 def take_slots(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -58,7 +62,7 @@ class PruningLayer(CacheLayerMixin):
         self.valid = torch.empty((b, h, 0), dtype=torch.bool, device=self.device)
         self.scores = torch.empty((b, h, 0), dtype=torch.float32, device=self.device)
         self.n_valid = torch.zeros(b, dtype=torch.int64, device=self.device)
-        self._spare = None
+        self._bufs = None
         self.is_initialized = True
 
     def update(
@@ -84,27 +88,57 @@ class PruningLayer(CacheLayerMixin):
                 f"layer {self.layer_idx} holds batch {self.keys.shape[0]} x {self.keys.shape[1]} KV heads but got "
                 f"{b} x {h}; use one cache per batch (cache.reset() to start over)"
             )
-        dev = self.device
-        pos = torch.arange(self.n_seen, self.n_seen + q, dtype=INDEX_DTYPE, device=dev).expand(b, h, q)
-        if q == 1 and self._spare is not None:
-            # the last eviction left one free slot after the kept ones: write there, no copy of the cache
-            n = self.keys.shape[-2]
-            kbuf, vbuf = self._spare
-            kbuf[..., n:, :] = key_states
-            vbuf[..., n:, :] = value_states
-            self.keys, self.values = kbuf, vbuf
+        # the new tokens go into free slots at the end of the buffers (no copy of the cache, unlike a
+        # concatenation); free slots already hold the defaults rank -1, valid, score 0
+        n = self.keys.shape[-2]
+        if self._bufs is None or n + q > self._bufs[0].shape[-2]:
+            self._reserve(n + q + max(GROWTH_MIN, (n + q) // GROWTH_DIV))
+        kbuf, vbuf, pbuf = self._bufs[:3]
+        kbuf[:, :, n : n + q] = key_states
+        vbuf[:, :, n : n + q] = value_states
+        if q == 1:
+            pbuf[:, :, n].fill_(self.n_seen)
         else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-        self._spare = None
-        self.positions = torch.cat([self.positions, pos], dim=-1)
-        self.ranks = torch.cat([self.ranks, torch.full((b, h, q), -1, dtype=INDEX_DTYPE, device=dev)], dim=-1)
-        self.valid = torch.cat([self.valid, torch.ones((b, h, q), dtype=torch.bool, device=dev)], dim=-1)
-        self.scores = torch.cat([self.scores, torch.zeros((b, h, q), dtype=torch.float32, device=dev)], dim=-1)
+            pbuf[:, :, n : n + q] = torch.arange(self.n_seen, self.n_seen + q, dtype=INDEX_DTYPE, device=self.device)
+        self._use_slots(n + q)
         self.n_seen += q
         self.pending = q
         self.keys._kvprune_layer = self  # lets the attention function find this layer
         return self.keys, self.values
+
+    # -- storage: buffers with free slots at the end; keys, values and metadata are views of their front
+    def _use_slots(self, n: int) -> None:
+        kbuf, vbuf, *meta = self._bufs
+        self.keys, self.values = kbuf[:, :, :n], vbuf[:, :, :n]
+        self.positions, self.ranks, self.valid, self.scores = (t[:, :, :n] for t in meta)
+
+    def _reserve(self, slots: int) -> None:
+        """Move the held slots to the front of new buffers of ``slots`` slots; the rest are free, with defaults."""
+        n = self.keys.shape[-2]
+        held = (self.keys, self.values, self.positions, self.ranks, self.valid, self.scores)
+        bufs = tuple(t.new_empty((*t.shape[:2], slots, *t.shape[3:])) for t in held)
+        for buf, t, default in zip(bufs, held, _FREE_SLOT):
+            buf[:, :, :n] = t
+            if default is not None:
+                buf[:, :, n:] = default
+        self._bufs = bufs
+        self._use_slots(n)
+
+    def _adopt(self, keep: torch.Tensor) -> None:
+        """Hold exactly the slots ``keep [B, H, C]`` (in that order), plus one free slot for the next token."""
+        c = keep.shape[-1]
+        idx = torch.cat([keep, keep[..., -1:]], dim=-1)  # the free slot starts as a copy: overwritten by the next token
+        kv = tuple(take_slots(t, idx) for t in self._kv_storage())
+        meta = tuple(t.gather(2, idx) for t in (self.positions, self.ranks, self.valid, self.scores))
+        for t, default in zip(meta, _FREE_SLOT[2:]):
+            if default is not None:
+                t[:, :, c:] = default
+        self._bufs = (*kv, *meta)
+        self._use_slots(c)
+
+    def _kv_storage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous tensors whose first slots are ``keys`` / ``values`` (the buffers, or the tensors themselves)."""
+        return self._bufs[:2] if self._bufs is not None else (self.keys.contiguous(), self.values.contiguous())
 
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         """Logical sizes: the mask function hands the whole 2D padding mask to kvprune's attention."""
@@ -124,7 +158,8 @@ class PruningLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.positions = self.ranks = self.valid = self.scores = None
         self.n_valid: torch.Tensor | None = None
-        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # K/V buffers with one free slot at the end
+        #: (keys, values, positions, ranks, valid, scores) buffers; the held slots are their first ``physical_length``
+        self._bufs: tuple[torch.Tensor, ...] | None = None
         self.n_seen = 0
         self.pending = 0
         self.evictions = 0
@@ -143,9 +178,9 @@ class PruningLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         index = index.to(self.device)
-        self._spare = None
         for name in ("keys", "values", "positions", "ranks", "valid", "scores", "n_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index))
+        self._bufs = None  # the next token reserves new buffers
         self.all_valid = bool(self.valid.all())
         self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
 
@@ -165,8 +200,9 @@ class PruningLayer(CacheLayerMixin):
         q = self.pending
         b, h = self.keys.shape[:2]
         if q == 1 and (new_valid is None or bool(new_valid.all())):  # the common decode step: no padding
-            ranks = self.n_valid.to(INDEX_DTYPE)[:, None]
+            self.ranks[:, :, -1] = self.n_valid[:, None]
             self.n_valid = self.n_valid + 1
+            ranks = None
         elif new_valid is None:
             ranks = (self.n_valid[:, None] + torch.arange(q, device=self.device)).to(INDEX_DTYPE)
             self.n_valid = self.n_valid + q
@@ -177,7 +213,8 @@ class PruningLayer(CacheLayerMixin):
             self.n_valid = self.n_valid + new_valid.sum(-1)
             self.valid[..., -q:] = new_valid[:, None, :]
             self.all_valid = self.all_valid and bool(new_valid.all())
-        self.ranks[..., -q:] = ranks[:, None, :]
+        if ranks is not None:
+            self.ranks[..., -q:] = ranks[:, None, :]
         if type(self.policy).initial_scores is not Policy.initial_scores:  # the default is the zeros update() wrote
             init = self.policy.initial_scores(self.keys[..., -q:, :], self.ranks[..., -q:].long(), self.layer_idx)
             self.scores[..., -q:] = init.to(torch.float32).expand(b, h, q)
@@ -214,7 +251,9 @@ class PruningLayer(CacheLayerMixin):
             self.pending = 0
             return
         if obs is not None or self.policy.observation == "none":
-            self.scores = self.policy.update_scores(self.scores, obs, self.pending)
+            scores = self.policy.update_scores(self.scores, obs, self.pending)
+            if scores is not self.scores:
+                self.scores.copy_(scores)  # in place: the scores are a view of their buffer
         self.pending = 0
         self.evict()
         self.frozen = self.prefill_only
@@ -250,22 +289,14 @@ class PruningLayer(CacheLayerMixin):
             keep = torch.arange(cap, device=self.device).expand(*eff.shape[:2], cap)
             keep = keep + (keep >= victim).to(keep.dtype)
             perm = torch.zeros_like(keep)  # every kept slot is within its row's budget
-            # copy the kept slots into buffers with one free slot at the end, where the next decode
-            # step writes its token: one copy of the cache per step instead of two (append + compact)
-            spare = torch.cat([keep, keep[..., -1:]], dim=-1)
-            kbuf, vbuf = take_slots(self.keys, spare), take_slots(self.values, spare)
-            self.keys, self.values = kbuf[..., :cap, :], vbuf[..., :cap, :]
-            self._spare = (kbuf, vbuf)
         else:
             # stable sort: among equal scores the older token (earlier slot) wins, deterministically
             order = eff.sort(dim=-1, descending=True, stable=True).indices[..., :cap]
             keep, perm = order.sort(dim=-1)
         before = int(self.valid.sum())
-        if self._spare is None:
-            self.keys = take_slots(self.keys, keep)
-            self.values = take_slots(self.values, keep)
-        for name in ("positions", "ranks", "valid", "scores"):
-            setattr(self, name, getattr(self, name).gather(2, keep))
+        # the kept slots are copied once, into buffers with one free slot at the end where the next decode
+        # step writes its token (one copy of the cache per step instead of two: append + compact)
+        self._adopt(keep)
         # a row whose own budget is below the widest row's keeps its surplus slots as padding
         self.valid &= perm < caps[:, None, None]
         after = int(self.valid.sum())
@@ -284,8 +315,10 @@ class PruningLayer(CacheLayerMixin):
         return 0 if not self.is_initialized else self.keys.nbytes + self.values.nbytes
 
     def metadata_bytes(self) -> int:
-        """Positions, ranks, validity, scores, and the one free K/V slot per (row, KV head) kept for the next token."""
+        """Positions, ranks, validity, scores and the free slots kept for the next tokens (K/V included)."""
         if not self.is_initialized:
             return 0
-        spare = 0 if self._spare is None else sum(t[..., -1:, :].nbytes for t in self._spare)
-        return spare + sum(t.nbytes for t in (self.positions, self.ranks, self.valid, self.scores, self.n_valid))
+        if self._bufs is None:
+            return sum(t.nbytes for t in (self.positions, self.ranks, self.valid, self.scores, self.n_valid))
+        free_kv = sum(b.nbytes - t.nbytes for b, t in zip(self._bufs[:2], (self.keys, self.values)))
+        return free_kv + sum(t.nbytes for t in self._bufs[2:]) + self.n_valid.nbytes
