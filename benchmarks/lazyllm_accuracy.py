@@ -1,14 +1,19 @@
 """LazyLLM accuracy and time-to-first-token on the long-document QA suite (embedded demo model).
 
-    python benchmarks/lazyllm_accuracy.py [--lengths 1024,2048] [--n 8] [--ratios 0.5,0.5,0.5]
+    python benchmarks/lazyllm_accuracy.py [--lengths 1024,2048] [--n 8] [--layers 0.3,0.6,0.9] [--ratios 0.5,0.5,0.5]
+                                          [--protocol single|split] [--model PATH] [--threads 1]
 
-Exact match of the full model and of LazyLLM on the same generated examples, with the mean prefill
-time of each; both measured in one run.
+Exact match of the full model and of LazyLLM on the same generated examples (batch 1), with the mean
+time to the first answer token of each, measured in one run with the two interleaved per example.
+``--protocol single`` reads context and question in one forward (LazyLLM's own setting: the paper
+times the whole prompt); ``split`` prefills the context first, then the question (the protocol the
+KV-eviction comparison uses). Several ``--ratios`` groups can be given, separated by ``/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -18,28 +23,62 @@ from kvprune.eval.tasks import build_suite
 from kvprune.policies.lazyllm import LazyLLM
 
 
+def _layers(text: str) -> tuple[int | float, ...]:
+    return tuple(float(x) if "." in x else int(x) for x in text.split(","))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="1024,2048")
     ap.add_argument("--n", type=int, default=8, help="examples per task kind and length")
-    ap.add_argument("--ratios", default="0.5,0.5,0.5")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--layers", default="0.3,0.6,0.9", help="pruning layers: indices, or depth fractions with a '.'")
+    ap.add_argument("--ratios", default="0.5,0.5,0.5", help="prune ratios, one per layer; '/' separates configurations")
+    ap.add_argument("--protocol", choices=("single", "split"), default="single")
+    ap.add_argument("--model", default=None, help="a model folder (default: the embedded demo model)")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=123)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = load_demo_model()
-    ratios = tuple(float(r) for r in args.ratios.split(","))
-    print(f"demo model, {torch.get_num_threads()} threads; LazyLLM prune ratios {ratios} at 30/60/90% depth")
-    print("| length | examples | EM full | EM LazyLLM | TTFT full (s) | TTFT LazyLLM (s) | speedup |")
-    print("|---|---|---|---|---|---|---|")
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa").eval()
+        tok = AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tok = load_demo_model()
+    layers = _layers(args.layers)
+    configs = [tuple(float(r) for r in group.split(",")) for group in args.ratios.split("/")]
+    sep = args.protocol == "split"
+    print(f"{model.config.num_hidden_layers}-layer model, {torch.get_num_threads()} thread(s), protocol {args.protocol}; "
+          f"LazyLLM pruning layers {layers} -> {LazyLLM(layers, configs[0]).schedule(model.config.num_hidden_layers)}")
+    print("| length | examples | ratios | EM full | EM LazyLLM | TTFT full (s) | TTFT LazyLLM (s) | speedup | layer-token work |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for length in [int(x) for x in args.lengths.split(",")]:
         examples = build_suite(seed=args.seed, n_per_task=args.n, lengths=[length], tokenizer=tok)
-        full = run_qa(model, tok, examples, "full")
-        lazy = run_qa(model, tok, examples, LazyLLM(prune_ratios=ratios))
-        em = lambda xs: sum(a.correct for a in xs) / len(xs)  # noqa: E731
-        t = lambda xs: sum(a.prefill_s for a in xs) / len(xs)  # noqa: E731
-        print(f"| {length} | {len(examples)} | {em(full):.3f} | {em(lazy):.3f} | {t(full):.3f} | {t(lazy):.3f} | "
-              f"{t(full) / t(lazy):.2f}x |")
+        for ratios in configs:
+            policy = LazyLLM(layers, ratios)
+            full, lazy, work = [], [], []
+            for ex in examples:  # interleaved, so machine noise hits both alike
+                full += run_qa(model, tok, [ex], "full", separate_question=sep)
+                lazy += run_qa(model, tok, [ex], policy, separate_question=sep)
+            em = lambda xs: sum(a.correct for a in xs) / len(xs)  # noqa: E731
+            t = lambda xs: statistics.mean(a.prefill_s for a in xs)  # noqa: E731
+            print(f"| {length} | {len(examples)} | {', '.join(map(str, ratios))} | {em(full):.3f} | {em(lazy):.3f} | "
+                  f"{t(full):.3f} | {t(lazy):.3f} | {t(full) / t(lazy):.2f}x | {_work(model, tok, examples[0], policy, sep)} |",
+                  flush=True)
+
+
+def _work(model, tok, example, policy, sep) -> str:
+    """Token-layer computations done over the unpruned count, for one example (prefill and decode)."""
+    from kvprune import make_cache
+    from kvprune.eval.qa import greedy_decode
+
+    cache = make_cache(model, policy)
+    ids = tok(example["context"] + " " + example["question"], return_tensors="pt")
+    n_ctx = len(tok(example["context"]).input_ids)
+    greedy_decode(model, ids.input_ids, ids.attention_mask, cache, 8, {tok.eos_token_id}, context_len=n_ctx if sep else None)
+    s = cache.compute_stats()
+    return f"{s['computed'] / max(1, s['baseline']):.2f}"
 
 
 if __name__ == "__main__":

@@ -96,9 +96,16 @@ def run_qa(
     prompt: Callable[[dict[str, Any]], str] = default_prompt,
     stop_strings: Sequence[str] = ("\n",),
     on_batch: Callable[[int], None] | None = None,
+    separate_question: bool = True,
     **policy_params: Any,
 ) -> list[Answer]:
-    """Answer every example greedily under ``policy``/``budget`` (one fresh cache per batch)."""
+    """Answer every example greedily under ``policy``/``budget`` (one fresh cache per batch).
+
+    The context is one forward and the question a second one (``separate_question``), so an evicting
+    cache is compressed before it reads the question, as in RULER/LongBench compression evaluations;
+    ``separate_question=False`` reads the whole prompt in one forward (LazyLLM's setting, whose
+    time-to-first-token is that of the whole prompt).
+    """
     device = next(model.parameters()).device
     stop_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     for s in stop_strings:
@@ -123,7 +130,7 @@ def run_qa(
                 mask[row, wc + wq - len(q) :] = 1
         cache = make_cache(model, policy, budget, **policy_params)
         tokens, prefill_s, decode_s = greedy_decode(model, ids.to(device), mask.to(device), cache, max_new_tokens,
-                                                    stop_ids, context_len=wc if wq else None)
+                                                    stop_ids, context_len=wc if wq and separate_question else None)
         kv = cache.stats().kv_bytes // len(idx)
         for row, i in enumerate(idx):
             row_tokens = tokens[row].tolist()
