@@ -226,13 +226,14 @@ def kvprune_attention(
     else:
         layer, policy = None, None
         causal = q > 1 and q == s and (new_valid is None or bool(new_valid.all())) and (sliding_window or q) >= q
-    qv = new_valid if new_valid is not None else torch.ones((b, q), dtype=torch.bool, device=query.device)
-
     weights: torch.Tensor | None = None
     obs = None
     # a decode row the policy observes is computed once for output and scores; one nobody observes goes to
     # the kernel when the context is long enough for it to beat the explicit row (short ones: call overhead)
     observed = policy is not None and policy.observation != "none"
+    if not observed:
+        policy = None  # nothing to estimate
+    qv = new_valid if new_valid is not None or not observed else torch.ones((b, q), dtype=torch.bool, device=query.device)
     if backend == "eager" or (q == 1 and (observed or s < DECODE_KERNEL_MIN_KEYS)):
         allowed = _allowed(layer, attention_mask, new_valid, b, q, s, query.device, sliding_window)
         probs = grouped_probs(query, key, allowed, scaling)
