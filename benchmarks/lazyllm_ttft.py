@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--ratios", default="0.5,0.5,0.5", help="LazyLLM prune ratios at 30/60/90%% depth")
+    ap.add_argument("--ratios", default="0.5,0.5,0.5", help="LazyLLM prune ratios, one per pruning layer")
+    ap.add_argument("--prune-layers", default="0.3,0.6,0.9", help="layer indices, or depth fractions with a '.'")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -46,8 +47,9 @@ def main() -> None:
                          max_position_embeddings=8192, attn_implementation="sdpa")
     model = LlamaForCausalLM(config).eval()
     ratios = tuple(float(r) for r in args.ratios.split(","))
+    layers = tuple(float(x) if "." in x else int(x) for x in args.prune_layers.split(","))
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"model: Llama {args.layers} layers, hidden {args.hidden}, GQA 2 KV heads; LazyLLM prune ratios {ratios}")
+    print(f"model: Llama {args.layers} layers, hidden {args.hidden}, GQA 2 KV heads; LazyLLM prune ratios {ratios} after layers {layers}")
     print("| prompt | TTFT full (s) | TTFT LazyLLM (s) | TTFT speedup | total full (s) | total LazyLLM (s) | total speedup | layer-token work |")
     print("|---|---|---|---|---|---|---|---|")
     for n in [int(x) for x in args.lengths.split(",")]:
@@ -59,7 +61,7 @@ def main() -> None:
                                min_new_tokens=new, do_sample=False, **with_cache(make()), pad_token_id=0)
 
         full = lambda: (model.set_attn_implementation("sdpa"), DynamicCache())[1]  # noqa: E731  plain transformers
-        lazy = lambda: kvprune.make_cache(model, "lazyllm", prune_ratios=ratios)  # noqa: E731
+        lazy = lambda: kvprune.make_cache(model, "lazyllm", prune_layers=layers, prune_ratios=ratios)  # noqa: E731
         # interleaved repeats, so load from other processes hits both sides alike
         ttft_full, ttft_lazy, tot_full, tot_lazy = [], [], [], []
         for _ in range(args.repeats):

@@ -20,10 +20,15 @@ Uses 2 CPU threads (``--threads``). The loss is the language-model loss on every
 the random names, values and document numbers (the repeated filler phrases are the dense in-context
 copying signal) and the answers of several questions per document, as one token-level mean, plus
 an attention-supervision loss (see :class:`AttentionSupervision`): layer 0 gets a previous-token head,
-a two-back head and a latest-document-number head, and head 0 of layers 1-3 is told where the query
-``... of <name> is`` should look (the value of that fact in the right document; for variable chains,
-one hop per layer). Without it name-keyed lookup never formed in 2700 steps (multi-fact tasks stayed
-at chance); the exported model is a plain ``LlamaForCausalLM`` either way.
+a two-back head and a latest-document-number head, and head 0 of layer 1 is told where the query
+``... of <name> is`` (or ``<name> =``) should look (the value of that fact in the right document; the
+variable-tracking answers trace a chain one hop per generated token, so one lookup layer serves them).
+Without it name-keyed lookup never formed in 2700 steps (multi-fact tasks stayed at chance); the
+exported model is a plain ``LlamaForCausalLM`` either way.
+
+``--init-from DIR`` starts from an exported model instead of random weights (its tokenizer too); with
+``--layers`` above its depth the extra layers are appended as identities (zero output projections),
+which is how the published 6-layer model was grown from the 4-layer one (see its model card).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from kvprune.eval.tasks import (
     format_prompt,
     generate_doc,
 )
+from kvprune.integrations.compat import with_cache
 
 # (sequence length, batch size, steps). Every stage uses ~4096 tokens per step.
 DEFAULT_STAGES = "64x64x150,128x32x300,256x16x400,512x8x650,1024x4x300,2048x2x350"
@@ -274,9 +280,12 @@ def make_fact_sequence(rng: random.Random, L: int, w2i: dict[str, int]) -> tuple
         assigns.sort()
         for _, lhs, r in assigns:
             add(["var", lhs, "=", r, "."], [False, False, True, False, True])
-        restate = [(v, value) for vars_, value in chains for v in vars_]
-        for v, value in rng.sample(restate, len(restate)):
-            add(["the", "value", "of", v, "is", value, "."], [False, False, True, False, True, True, True])
+        # restated hop by hop, as the vartrack answers are: "<c> = <b> = <a> = <value> ."
+        restate = [(vars_[: i + 1], value) for vars_, value in chains for i in range(len(vars_))]
+        for head, value in rng.sample(restate, len(restate)):
+            hops = [*head[::-1], value]
+            ws = " = ".join(hops).split() + ["."]
+            add(ws, [False] + [True] * (len(ws) - 1))
     else:
         n_docs = max(2, min(len(NUMBERS), (L - 1) // 40))
         numbers = rng.sample(NUMBERS, n_docs)
@@ -299,7 +308,7 @@ def make_fact_sequence(rng: random.Random, L: int, w2i: dict[str, int]) -> tuple
 
 
 def make_batch(seed: int, step: int, L: int, B: int, w2i: dict[str, int], copy_frac: float = 0.0,
-               phrase_frac: float = 0.0, fact_frac: float = 0.0):
+               phrase_frac: float = 0.0, fact_frac: float = 0.0, max_layer: int = 1):
     rows = []
     for r in range(B):
         rng = random.Random(f"train/{seed}/{step}/{r}")
@@ -317,7 +326,7 @@ def make_batch(seed: int, step: int, L: int, B: int, w2i: dict[str, int], copy_f
     lookups, numbers = [], []
     for b, r in enumerate(rows):
         words = ["<s>"] + [i2w.get(t, "<pad>") for t in r[0][1:]]
-        found, number = lookup_targets(words)
+        found, number = lookup_targets(words, max_layer)
         lookups += [(b, *x) for x in found]
         numbers.append(number)
     return ids, lm, ans, lookups, torch.tensor(numbers)
@@ -329,17 +338,25 @@ def heldout(n_per_task: int, length: int) -> list[dict]:
 
 @torch.no_grad()
 def quick_eval(model, tok, examples: list[dict], batch: int = 8) -> dict[str, float]:
-    """Exact match of the argmax next token after the prompt (one-token answers), per task."""
+    """Exact match of greedy decoding, per task, computed teacher-forced in one forward per batch.
+
+    Greedy decoding produces the answer and ``</s>`` exactly when each of those tokens is the argmax
+    after the prompt and the answer's preceding tokens, so one forward over ``prompt answer </s>``
+    (right-padded) decides it.
+    """
     model.eval()
     hits: dict[str, list[float]] = {}
     for i in range(0, len(examples), batch):
         chunk = examples[i:i + batch]
-        enc = [tok(format_prompt(e)).input_ids for e in chunk]
-        assert len({len(x) for x in enc}) == 1
-        logits = model(input_ids=torch.tensor(enc), logits_to_keep=1).logits[:, -1]
-        pred = logits.argmax(-1).tolist()
-        for e, p in zip(chunk, pred):
-            hits.setdefault(e["task"], []).append(float(tok.decode([p]).strip() == e["answer"]))
+        prompts = [tok(format_prompt(e)).input_ids for e in chunk]
+        answers = [tok(e["answer"], add_special_tokens=False).input_ids + [EOS] for e in chunk]
+        rows = [p + a for p, a in zip(prompts, answers)]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
+        pred = model(input_ids=ids, attention_mask=(ids != PAD).long()).logits.argmax(-1)
+        for b, (e, p, a) in enumerate(zip(chunk, prompts, answers)):
+            got = pred[b, len(p) - 1: len(p) - 1 + len(a)].tolist()
+            hits.setdefault(e["task"], []).append(float(got == a))
     model.train()
     out = {t: sum(v) / len(v) for t, v in hits.items()}
     out["all"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
@@ -356,7 +373,7 @@ def generate_eval(model, tok, examples: list[dict], max_new_tokens: int = 6) -> 
     for e in examples:
         enc = tok(format_prompt(e), return_tensors="pt")
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             past_key_values=DynamicCache(config=model.config),
+                             **with_cache(DynamicCache(config=model.config)),
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         pred = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
         hits.setdefault(e["task"], []).append(exact_match(pred, e["answer"]))
@@ -404,14 +421,15 @@ def parse_offsets(text: str) -> dict[int, int]:
 _IS = ("is", "=")
 
 
-def lookup_targets(words: list[str]) -> tuple[list[tuple[int, int, int]], list[int]]:
+def lookup_targets(words: list[str], max_layer: int = 1) -> tuple[list[tuple[int, int, int]], list[int]]:
     """Attention targets of one row (``words[0]`` is BOS): retrieval hops and the latest document number.
 
     Retrieval: wherever ``<key> is`` (or ``<key> =``) repeats a key that occurs earlier as ``<key> is
     <value>`` / ``<key> = <x>`` (for document rows: in the same document, i.e. with the same latest
     number), the ``is`` position should attend to that ``<value>`` -- layer 1; if the retrieved word is
     itself a variable (``var b = a``), layer 2 should attend to where ``a`` is assigned, and so on
-    (layers 1-3, up to 3 hops). Returns ``(layer, query position, key position)`` triples and, per
+    (layers 1 to ``max_layer``). Since the vartrack answers trace the chain hop by hop, one lookup
+    per generated token, the default supervises layer 1 only. Returns ``(layer, query position, key position)`` triples and, per
     position, the position of the latest number token at or before it (-1 if none).
     """
     number = [-1] * len(words)
@@ -434,7 +452,7 @@ def lookup_targets(words: list[str]) -> tuple[list[tuple[int, int, int]], list[i
                 while True:
                     out.append((layer, t, i))
                     nxt = words[i]
-                    if layer == 3 or nxt not in _NAME_SET:
+                    if layer >= max_layer or nxt not in _NAME_SET:
                         break
                     hop = [j for j in defs.get(nxt, ()) if words[j - 1] == "=" and j < i]
                     if len(hop) != 1:
@@ -521,6 +539,27 @@ class AttentionSupervision:
         return sum(terms) / max(1, len(terms))
 
 
+def grow_from(model, src: Path) -> None:
+    """Start from an exported model; layers beyond its depth are appended as identities.
+
+    A new layer's attention output and MLP down projections are zero, so each starts as the identity
+    on the residual stream and the grown model computes exactly what the source model did.
+    """
+    from safetensors.torch import load_file
+
+    weights = load_file(str(src / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if unexpected or any(".layers." not in k for k in missing):
+        raise SystemExit(f"{src} does not fit this model: unexpected {unexpected[:3]}, missing {missing[:3]}")
+    new = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in missing})
+    with torch.no_grad():
+        for i in new:
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    log(f"initialised from {src}" + (f"; layers {new} appended as identities" if new else ""))
+
+
 def lr_at(step: int, total: int, args) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -539,6 +578,8 @@ def train(args) -> None:
     total = sum(s for *_, s in stages)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(make_config(args, len(tok)))
+    if args.init_from and not (work / "ckpt" / "state.json").exists():
+        grow_from(model, Path(args.init_from))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     ckpt = work / "ckpt"
     state = {"step": 0, "elapsed_s": 0.0, "history": [], "best": None, "seed": args.seed, "stages": args.stages,
@@ -572,7 +613,7 @@ def train(args) -> None:
         mixes = (1.0, 0.0, 0.0) if step < args.copy_steps else (args.copy_mix, args.phrase_mix, args.fact_mix)
         if step < args.copy_steps:
             L, B = 64, 64
-        ids, lm, ans, lookups, numbers = make_batch(args.seed, step, L, B, w2i, *mixes)
+        ids, lm, ans, lookups, numbers = make_batch(args.seed, step, L, B, w2i, *mixes, max_layer=args.lookup_layers)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, args)
         logits = model(input_ids=ids, attention_mask=(ids != PAD).long()).logits[:, :-1].float()
@@ -660,8 +701,8 @@ print(tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True), "| 
 Generated on the fly by `kvprune.eval.tasks.generate_doc` (deterministic per seed and step; no external
 data). Four task kinds, sampled with weights {weights}: single needle, multi-key retrieval (up to one fact
 per ~96 tokens, 4 relations), multi-document QA (sections `document <k> :` with the asked name also in
-distractor documents), variable tracking (chains `var a = <value>`, `var b = a`, up to 2 hops, with distractor
-chains). Filler is made of random 4–8-word phrases invented per document, each repeated 2–4 times. Each
+distractor documents), variable tracking (chains `var a = <value>`, `var b = a`, 1–2 hops, with distractor
+chains; the answer traces the chain hop by hop, `answer : <c> = <b> = <a> = <value>`). Filler is made of random 4–8-word phrases invented per document, each repeated 2–4 times. Each
 training document is followed by 1–6 questions with a RULER-style answer prefix
 (`question : what is the code of <name> ? answer : the code of <name> is <value> </s>`).
 
@@ -670,10 +711,9 @@ document numbers (repeated phrase occurrences are predictable only by looking ba
 copying signal) and over the answers and their `</s>` (answer tokens weighted {answer_weight}×), plus
 {attn_weight} × an attention-supervision loss (mean of -log attention weight on a target position), for
 training only: in layer 0, head 0 attends the previous token, head 2 the token two back and head 1 the
-latest document number; head 0 of layer 1 attends, from each `is` that repeats a name already stated as
-`<name> is <value>` (or `<name> = <x>`, in the same document for sectioned text), the position of that
-value, and head 0 of layers 2 and 3 the next hop of a variable chain (`var b = a` -> where `a` is
-assigned). Only where heads look is supervised; what they copy is learned from the language-model loss.
+latest document number; head 0 of layer 1 attends, from each `is` (or `=`) that repeats a name already
+stated as `<name> is <value>` (or `<name> = <x>`, in the same document for sectioned text), the position of
+that value{hops}. Only where heads look is supervised; what they copy is learned from the language-model loss.
 Without this loss the model stayed for thousands of steps on a plateau where it answers with *a* value
 of the document (multi-fact tasks at chance). The exported model is a plain Llama.
 
@@ -681,16 +721,13 @@ of the document (multi-fact tasks at chance). The exported model is a plain Llam
 
 - Curriculum (length × batch × steps): {stages}; with probability {mix_short} a step uses an earlier stage's
   length (same tokens per step).
-- Copy warm-up: the first {copy_steps} steps train on rows made of a random run of words (filler, names and
-  values: values never get an LM target in documents, and a copy circuit learned on filler alone left the
-  answers at chance) followed by the same run; the loss on the repeat falls to ~0 within ~150 steps (on task
-  documents alone, copying had not appeared after 1000 steps), though a fixed offset may be all it teaches. Afterwards a fraction {copy_mix} of the rows are copy rows and {phrase_mix}
+{init}{warmup_text}A fraction {copy_mix} of the rows are copy rows (a random run of words, then the same run) and {phrase_mix}
   are phrase rows: short phrases over a small pool of 6–24 words, each repeated at random places, so that
   continuing a phrase needs matching two or more previous tokens (as `the code of <name> is` does; the
   fixed-offset copy rows alone taught a position trick, and the model then answered with a value of the
   wrong fact), and {fact_mix} are fact rows: facts (a third each: `the <relation> of <name> is <value> .`;
   variable chains `var a = <value> .`, `var b = a .` of 1-3 variables; per-document facts with names
-  recurring across documents) restated afterwards in another order (`the value of <variable> is <value> .`,
+  recurring across documents) restated afterwards in another order (`<c> = <b> = <a> = <value> .`,
   `in document <k> , the code of <name> is <value> .`), with the loss on the restated values -- one
   retrieval target per fact. The remaining rows are task documents.
 - {steps} steps, AdamW (β = 0.9, 0.95, weight decay {wd}), peak LR {lr}, {warmup} warm-up steps, cosine to 10 %,
@@ -713,11 +750,10 @@ Exact match of greedy decoding (`generate`, plain `DynamicCache`, `max_new_token
 
 The model only understands the synthetic task language; it was trained up to 2048 tokens and is not
 expected to work beyond 2560 positions. It is a test fixture for KV-cache policies, not a language model.
-Variable tracking is the weakest task: its questions need 2-3 chained lookups, one per layer in layers 1-3
-of this 4-layer model, and the supervised third hop was far from formed (attention loss at step 1500 of
-the published run: ~2.2 nats at layer 3, ~0.24 at layer 2, ~0.05 at layer 1); where it fails the model
-mostly answers with some other word of the document. Where a task is below target, only the tasks near 1.0 separate
-policies by retrieval rather than by chance.
+Its retrieval happens in layer 1 (the supervised lookup head), so KV policies that lose the fact a
+question needs fail it outright: a wrong value, or for variable tracking a chain that breaks at the hop
+whose assignment was evicted. Where a task is below target, only the tasks near 1.0 separate policies by
+retrieval rather than by chance.
 """
 
 
@@ -733,6 +769,9 @@ def export(args) -> None:
     model = LlamaForCausalLM(make_config(args, len(tok)))
     load_model(model, str(src / "model.safetensors"))
     model.eval()
+    init_layers = None
+    if args.init_from:
+        init_layers = json.loads((Path(args.init_from) / "config.json").read_text())["num_hidden_layers"]
     model.generation_config.bos_token_id = BOS
     model.generation_config.eos_token_id = EOS
     model.generation_config.pad_token_id = PAD
@@ -757,7 +796,7 @@ def export(args) -> None:
         r = results[L]
         rows.append(f"| {L} | {4 * n} | {r['all']:.3f} | " + " | ".join(f"{r[t]:.3f}" for t in TASKS) + " |")
     hist = final_state["history"][-1] if final_state["history"] else {"lm": float("nan"), "ans": float("nan")}
-    cmd = "python scripts/train_demo.py" + ("" if args.stages == DEFAULT_STAGES else f' --stages "{args.stages}"')
+    cmd = training_command(args)
     card = CARD.format(
         params=sum(p.numel() for p in model.parameters()) / 1e6, layers=args.layers, hidden=args.hidden,
         heads=args.hidden // 32, kv=args.kv_heads, vocab=len(tok), weights=TASK_WEIGHTS, answer_weight=args.answer_weight, attn_weight=args.attn_weight,
@@ -765,12 +804,34 @@ def export(args) -> None:
         lr=args.lr, warmup=args.warmup, seed=args.seed, lm=hist["lm"], ans=hist["ans"],
         minutes=final_state["elapsed_s"] / 60, export_step=state["step"], command=cmd, eval_seed=EVAL_SEED,
         rows="\n".join(rows), note=f"- Note: {args.card_note}\n" if args.card_note else "",
+        hops=("" if args.lookup_layers <= 1 else
+              f", and head 0 of layers 2-{args.lookup_layers} the next hops of a variable chain (`var b = a` -> where `a` is assigned)"),
+        init=(f"- Initialised from `{args.init_from}` ({init_layers}-layer model); the layers beyond its depth were "
+              "appended with zero attention-output and MLP-down projections, so the run started from exactly the "
+              "source model's function.\n- " if args.init_from else "- "),
+        warmup_text=("" if not args.copy_steps else
+                     f"Copy warm-up: the first {args.copy_steps} steps train on rows made of a random run of words (filler, names "
+                     "and values: values never get an LM target in documents, and a copy circuit learned on filler alone left "
+                     "the answers at chance) followed by the same run; the loss on the repeat falls to ~0 within ~150 steps "
+                     "(on task documents alone, copying had not appeared after 1000 steps). Afterwards: "),
         status=("meets the targets." if results[512]["all"] >= 0.98 and results[2048]["all"] >= 0.95 else
                 f"below target (exact match {results[512]['all']:.2f} at 512 and {results[2048]['all']:.2f} at 2048 tokens)."),
     )
     (out / "README.md").write_text(card)
     size = sum(f.stat().st_size for f in out.iterdir())
     log(f"exported to {out} ({size / 1e6:.2f} MB)")
+
+
+_NOT_TRAINING = ("phase", "out", "card_note", "export_from", "threads", "final_n", "defaults")
+
+
+def training_command(args) -> str:
+    """The command line that trains this model: the script with every training option that is not the default."""
+    import shlex
+
+    opts = [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
+            if k not in _NOT_TRAINING and v != args.defaults.get(k)]
+    return " ".join(["python scripts/train_demo.py", *opts])
 
 
 def main(argv=None) -> None:
@@ -792,6 +853,8 @@ def main(argv=None) -> None:
     p.add_argument("--fact-mix", type=float, default=0.4, help="fraction of restated-fact rows after the warm-up")
     p.add_argument("--offset-heads", default="0:1,2:2", help="layer-0 heads supervised to attend a fixed offset back (head:offset,...)")
     p.add_argument("--attn-weight", type=float, default=1.0, help="weight of the attention-supervision loss (0 = off)")
+    p.add_argument("--lookup-layers", type=int, default=1, help="chain hops supervised, one per layer from layer 1")
+    p.add_argument("--init-from", default="", help="start from an exported model folder (weights and tokenizer)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -805,10 +868,16 @@ def main(argv=None) -> None:
     p.add_argument("--card-note", default="", help="extra sentence for the model card's training section")
     p.add_argument("--export-from", choices=("ckpt", "best"), default="ckpt")
     args = p.parse_args(argv)
+    args.defaults = vars(p.parse_args([]))
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     (work / ".gitignore").write_text("*\n")  # checkpoints never go into git
+    if args.init_from and not (work / "tokenizer" / "hf" / "tokenizer.json").exists():
+        # continue from an exported model: its tokenizer is the tokenizer
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(args.init_from).save_pretrained(str(work / "tokenizer" / "hf"))
     if args.phase in ("all", "tokenizer") and not (work / "tokenizer" / "hf" / "tokenizer.json").exists():
         train_tokenizer(work / "tokenizer", args.seed, args.vocab_size)
     if args.phase in ("all", "train"):

@@ -78,7 +78,7 @@ def _greedy_exact_match(model, tok, examples) -> float:
     enc = tok(prompts, return_tensors="pt")  # equal lengths by construction: no padding
     assert enc.input_ids.shape[1] == examples[0]["length"]
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+        out = model.generate(**enc, max_new_tokens=6, do_sample=False)
     preds = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     return sum(exact_match(p, e["answer"]) for p, e in zip(preds, examples)) / len(examples)
 
@@ -93,8 +93,7 @@ def test_reaches_its_stated_accuracy(demo, length, n_per_task):
     """Greedy full-cache exact match on other held-out documents agrees with the card, both ways.
 
     The card's figure comes from 50 (512) / 25 (2048) documents per task; this sample is smaller, so the
-    allowed gap is three binomial standard deviations of the sample plus one example. (The project's
-    targets, 0.98 / 0.95, are stated in the card and are not claimed here.)
+    allowed gap is three binomial standard deviations of the sample plus one example.
     """
     model, tok = demo
     stated = _stated()[str(length)]
@@ -109,10 +108,21 @@ def test_reaches_its_stated_accuracy(demo, length, n_per_task):
     assert f"| {length} | " in card and f"{p:.3f}" in card
 
 
+def test_card_meets_the_project_targets():
+    """Full-cache exact match >= 0.98 at 512 tokens and >= 0.95 at 2048 on every task, as the card states
+    (the card's figures are checked against fresh held-out documents above)."""
+    stated = _stated()
+    for length, target in (("512", 0.98), ("2048", 0.95)):
+        assert set(TASKS) <= set(stated[length])
+        for task in (*TASKS, "all"):
+            assert stated[length][task] >= target, (length, task, stated[length][task])
+    assert "**Status: meets the targets.**" in (DEMO_MODEL_PATH / "README.md").read_text()
+
+
 def test_retrieves_by_name_far_above_chance(demo):
-    """At 512 tokens the name-keyed tasks are answered, not guessed (chance is about 1 in 5 facts)."""
+    """At 512 tokens every task is answered, not guessed (chance is about 1 in 5 facts)."""
     model, tok = demo
-    for task in ("needle", "multikey", "multidoc"):
+    for task in TASKS:
         examples = build_suite(seed=HELDOUT_SEED + 1, n_per_task=8, lengths=(512,), tasks=(task,))
         assert _greedy_exact_match(model, tok, examples) >= 7 / 8, task
 

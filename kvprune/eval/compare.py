@@ -14,7 +14,7 @@ from ..errors import InvalidBudgetError
 from ..policies import METHODS
 
 DEFAULT_POLICIES: tuple[str, ...] = (
-    "a2sf", "h2o", "spatten", "lazyllm", "tova", "snapkv", "streaming", "knorm", "random",
+    "a2sf", "h2o", "spatten", "lazyllm", "tova", "snapkv", "observed", "keydiff", "streaming", "knorm", "random",
 )
 DEFAULT_BUDGETS: tuple[float, ...] = (0.1, 0.25, 0.5)
 #: policies that take no KV budget: run once, reported with budget NaN

@@ -12,7 +12,9 @@ can learn (the project's demo model in :mod:`kvprune.demo` was trained on exactl
     documents with other values, so the question must be answered from the named document.
 ``vartrack``
     Chains of assignments ``var <a> = <value> .`` ... ``var <b> = <a> .`` ... (variable tracking);
-    the question asks for the value of the last variable of a chain, so the model must follow the chain.
+    the question asks for the value of the last variable of a chain and the answer traces the chain
+    hop by hop (``answer : <c> = <b> = <a> = <value>``, as RULER's variable tracking answers with the
+    chain's variables): every link must still be in the context, and each hop is one lookup.
 
 Filler is made of short random phrases (4-8 words) invented per document, each repeated a few
 times: the repeats are predictable only by looking back in the context, which is the dense
@@ -25,7 +27,7 @@ An example is a plain dict ``{"id", "task", "context", "question", "answer", "le
 <name> ? answer : the code of <name> is``), ``length``
 the target prompt length in tokens, BOS included; the prompt a model reads is
 ``f"{context} {question}"`` (:func:`format_prompt`), after which it should generate the answer (one
-word) and then end of sequence.
+word; for ``vartrack`` the rest of the chain) and then end of sequence.
 """
 
 from __future__ import annotations
@@ -174,7 +176,7 @@ def _fact(rel: str, name: str, value: str) -> tuple[list[str], list[bool]]:
 
 def _qa(question: list[str], answer_prefix: list[str], value: str) -> tuple[list[str], list[str]]:
     """``question : <question> answer : <answer prefix>`` and the answer (RULER-style answer prefix)."""
-    return ["question", ":", *question, "answer", ":", *answer_prefix], [value]
+    return ["question", ":", *question, "answer", ":", *answer_prefix], value.split()
 
 
 def _qa_fact(rel: str, name: str, value: str, doc: str | None = None) -> tuple[list[str], list[str]]:
@@ -263,8 +265,8 @@ def generate_doc(task: str, rng: random.Random, context_words: int, *, n_questio
                   ordered=True, depths=[d for d, _, _ in assigns])
         for c in rng.sample(range(n_chains), min(n_questions, n_chains)):
             vars_, value = chains[c]
-            v = vars_[-1]
-            qas.append(_qa(["what", "is", "the", "value", "of", v, "?"], ["the", "value", "of", v, "is"], value))
+            qas.append(_qa(["what", "is", "the", "value", "of", vars_[-1], "?"], [vars_[-1], "="],
+                           " = ".join([*vars_[-2::-1], value])))
     assert len(b.words) == context_words, (task, len(b.words), context_words)
     return Doc(task=task, words=b.words, mask=b.mask, qas=qas)
 
@@ -284,7 +286,7 @@ def format_prompt(example: dict[str, Any]) -> str:
     return f"{example['context']} {example['question']}"
 
 
-_Q_WORDS = {"needle": 16, "multikey": 16, "multidoc": 24, "vartrack": 16}  # question field, in words
+_Q_WORDS = {"needle": 16, "multikey": 16, "multidoc": 24, "vartrack": 13}  # question field, in words
 
 
 def _count_tokens(tokenizer: Any, text: str) -> int:
