@@ -208,9 +208,10 @@ def machine_line(threads: int) -> str:
                     break
     except OSError:
         pass
-    return (f"{cpu or platform.machine()}, {os.cpu_count()} cores, {threads} thread per side; "
-            "**shared machine** (another job was training on the CPU during the run), so absolute "
-            "times are noisy; both sides are interleaved so they share the noise")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu or platform.machine()}, {os.cpu_count()} cores, {threads} thread per side; load average "
+            f"{load:.1f} at the end of the run (this box is often shared), so absolute times are noisy; both "
+            "sides are interleaved so they share the noise")
 
 
 def main() -> None:

@@ -51,8 +51,8 @@ def main() -> None:
     sep = args.protocol == "split"
     print(f"{model.config.num_hidden_layers}-layer model, {torch.get_num_threads()} thread(s), protocol {args.protocol}; "
           f"LazyLLM pruning layers {layers} -> {LazyLLM(layers, configs[0]).schedule(model.config.num_hidden_layers)}")
-    print("| length | examples | ratios | EM full | EM LazyLLM | TTFT full (s) | TTFT LazyLLM (s) | speedup | layer-token work |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| length | examples | ratios | EM full | EM LazyLLM | EM LazyLLM per task (full) | TTFT full (s) | TTFT LazyLLM (s) | speedup | layer-token work |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for length in [int(x) for x in args.lengths.split(",")]:
         examples = build_suite(seed=args.seed, n_per_task=args.n, lengths=[length], tokenizer=tok)
         for ratios in configs:
@@ -63,7 +63,12 @@ def main() -> None:
                 lazy += run_qa(model, tok, [ex], policy, separate_question=sep)
             em = lambda xs: sum(a.correct for a in xs) / len(xs)  # noqa: E731
             t = lambda xs: statistics.mean(a.prefill_s for a in xs)  # noqa: E731
-            print(f"| {length} | {len(examples)} | {', '.join(map(str, ratios))} | {em(full):.3f} | {em(lazy):.3f} | "
+            tasks = sorted({a.task for a in full})
+            per_task = ", ".join(
+                f"{task} {em([a for a in lazy if a.task == task]):.2f} ({em([a for a in full if a.task == task]):.2f})"
+                for task in tasks
+            )
+            print(f"| {length} | {len(examples)} | {', '.join(map(str, ratios))} | {em(full):.3f} | {em(lazy):.3f} | {per_task} | "
                   f"{t(full):.3f} | {t(lazy):.3f} | {t(full) / t(lazy):.2f}x | {_work(model, tok, examples[0], policy, sep)} |",
                   flush=True)
 
