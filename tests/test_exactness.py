@@ -107,13 +107,14 @@ def test_prepared_model_without_kvprune_cache_is_unchanged(attn):
     torch.testing.assert_close(no_cache[valid], before[valid], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("keys", ["short", "long"])
 @pytest.mark.parametrize("policy", ["full", "streaming"])
-def test_long_context_decode_kernel_path_matches(policy):
-    """Decode steps nobody observes switch to the SDPA kernel past DECODE_KERNEL_MIN_KEYS keys: still exact."""
-    from kvprune.integrations.attention import DECODE_KERNEL_MIN_KEYS
+def test_decode_kernel_switch_matches(policy, keys):
+    """Decode steps nobody observes use the SDPA kernel or the explicit row by key count: exact on both sides."""
+    from kvprune.integrations.attention import DECODE_KERNEL_MAX_KEYS, DECODE_KERNEL_MIN_KEYS
 
     model = tiny_model("llama", "sdpa", num_hidden_layers=1)
-    n = DECODE_KERNEL_MIN_KEYS + 16
+    n = DECODE_KERNEL_MAX_KEYS - 8 if keys == "short" else DECODE_KERNEL_MIN_KEYS + 16
     ids = torch.randint(3, 100, (1, n), generator=torch.Generator().manual_seed(0))
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     ref = model.generate(input_ids=ids, past_key_values=DynamicCache(), **kw)

@@ -21,7 +21,11 @@ from ..policies import Policy
 BACKENDS = ("eager", "sdpa", "flash_attention_2")
 #: float32 elements of attention probabilities materialised at once by the block estimator
 BLOCK_ELEMENTS = 1 << 20
-#: decode steps with no observation use the SDPA kernel from this many keys on (measured crossover on CPU)
+#: a decode row nobody observes goes to the SDPA kernel up to this many keys, and without GQA also from
+#: DECODE_KERNEL_MIN_KEYS on; elsewhere the explicit row is faster on CPU. Measured per row (one thread):
+#: 8 query / 2 KV heads of 32: 256 keys explicit 22 us, kernel 15; 768: 37 / 38; 2048: 68 / 97; 8192:
+#: 203 / 391 (the kernel's GQA path); 4 heads of 128, no GQA: 256: 35 / 21; 2048: 158 / 169; 4096: 535 / 438
+DECODE_KERNEL_MAX_KEYS = 768
 DECODE_KERNEL_MIN_KEYS = 2048
 
 
@@ -234,7 +238,9 @@ def kvprune_attention(
     if not observed:
         policy = None  # nothing to estimate
     qv = new_valid if new_valid is not None or not observed else torch.ones((b, q), dtype=torch.bool, device=query.device)
-    if backend == "eager" or (q == 1 and (observed or s < DECODE_KERNEL_MIN_KEYS)):
+    gqa = query.shape[1] != key.shape[1]
+    decode_kernel = not observed and (s <= DECODE_KERNEL_MAX_KEYS or (not gqa and s >= DECODE_KERNEL_MIN_KEYS))
+    if backend == "eager" or (q == 1 and not decode_kernel):
         allowed = _allowed(layer, attention_mask, new_valid, b, q, s, query.device, sliding_window)
         probs = grouped_probs(query, key, allowed, scaling)
         out = grouped_output(probs, value)
