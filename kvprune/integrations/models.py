@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ def _guard_generate(model: torch.nn.Module) -> None:
         return
     original = model.generate
 
+    @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if isinstance(cache, (PruningCache, LazyCache, SpAttenCache)):
