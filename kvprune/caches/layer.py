@@ -31,6 +31,22 @@ def take_slots(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return t.reshape(b * h * s, d).index_select(0, flat).view(b, h, keep.shape[-1], d)
 
 
+def _held_view(i: int) -> property:
+    """Metadata tensor ``i`` (positions, ranks, valid, scores): a view of the held slots of its buffer, made on
+    first use after each append (the hot decode path touches two of the four), or a tensor assigned directly."""
+
+    def get(self: "PruningLayer") -> torch.Tensor | None:
+        view = self._meta[i]
+        if view is None and self._bufs is not None:
+            view = self._meta[i] = self._bufs[2 + i][:, :, : self._held]
+        return view
+
+    def set(self: "PruningLayer", value: torch.Tensor | None) -> None:
+        self._meta[i] = value
+
+    return property(get, set)
+
+
 def _is_compiling() -> bool:
     return bool(getattr(torch, "compiler", None) and torch.compiler.is_compiling())
 
@@ -42,6 +58,11 @@ class PruningLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
     supports_early_init = False
+
+    positions = _held_view(0)
+    ranks = _held_view(1)
+    valid = _held_view(2)
+    scores = _held_view(3)
 
     def __init__(self, layer_idx: int, policy: Policy, budget: Budget | None) -> None:
         super().__init__()
@@ -108,9 +129,9 @@ class PruningLayer(CacheLayerMixin):
 
     # -- storage: buffers with free slots at the end; keys, values and metadata are views of their front
     def _use_slots(self, n: int) -> None:
-        kbuf, vbuf, *meta = self._bufs
-        self.keys, self.values = kbuf[:, :, :n], vbuf[:, :, :n]
-        self.positions, self.ranks, self.valid, self.scores = (t[:, :, :n] for t in meta)
+        self.keys, self.values = self._bufs[0][:, :, :n], self._bufs[1][:, :, :n]
+        self._held = n
+        self._meta = [None, None, None, None]  # metadata views are made when first used
 
     def _reserve(self, slots: int) -> None:
         """Move the held slots to the front of new buffers of ``slots`` slots; the rest are free, with defaults."""
@@ -155,11 +176,13 @@ class PruningLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length  # the same contract's name in transformers < 5.3
 
     def reset(self) -> None:
+        self._meta: list[torch.Tensor | None] = [None, None, None, None]
+        #: (keys, values, positions, ranks, valid, scores) buffers; the held slots are their first ``physical_length``
+        self._bufs: tuple[torch.Tensor, ...] | None = None
+        self._held = 0
         self.keys = self.values = None
         self.positions = self.ranks = self.valid = self.scores = None
         self.n_valid: torch.Tensor | None = None
-        #: (keys, values, positions, ranks, valid, scores) buffers; the held slots are their first ``physical_length``
-        self._bufs: tuple[torch.Tensor, ...] | None = None
         self.n_seen = 0
         self.pending = 0
         self.evictions = 0
@@ -250,7 +273,8 @@ class PruningLayer(CacheLayerMixin):
         if self.frozen:
             self.pending = 0
             return
-        if obs is not None or self.policy.observation == "none":
+        stateless = type(self.policy).update_scores is Policy.update_scores  # scores never change after writing
+        if not stateless and (obs is not None or self.policy.observation == "none"):
             scores = self.policy.update_scores(self.scores, obs, self.pending)
             if scores is not self.scores:
                 self.scores.copy_(scores)  # in place: the scores are a view of their buffer

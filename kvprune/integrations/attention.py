@@ -221,13 +221,16 @@ def kvprune_attention(
         from .spatten import spatten_attention
 
         return spatten_attention(layer, query, backend, scaling, sliding_window), None
-    new_valid = _padding_of_new_tokens(attention_mask, q, b)
-
     if layer is not None and layer.pending == q:
+        if q == 1 and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and bool(attention_mask[:, -1].all()):
+            new_valid = None  # the common decode step: the new token is real in every row
+        else:
+            new_valid = _padding_of_new_tokens(attention_mask, q, b)
         layer.observe_padding(new_valid)
         policy = None if getattr(layer, "frozen", False) else layer.policy  # prefill_only: nothing observed after the prefill
         causal = q > 1 and layer.is_plain_causal(q, sliding_window)
     else:
+        new_valid = _padding_of_new_tokens(attention_mask, q, b)
         layer, policy = None, None
         causal = q > 1 and q == s and (new_valid is None or bool(new_valid.all())) and (sliding_window or q) >= q
     weights: torch.Tensor | None = None
