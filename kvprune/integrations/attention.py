@@ -236,7 +236,7 @@ def kvprune_attention(
     weights: torch.Tensor | None = None
     obs = None
     # a decode row the policy observes is computed once for output and scores; one nobody observes goes to
-    # the kernel when the context is long enough for it to beat the explicit row (short ones: call overhead)
+    # the kernel or the explicit row, whichever is faster at this many keys (DECODE_KERNEL_MAX/MIN_KEYS)
     observed = policy is not None and policy.observation != "none"
     if not observed:
         policy = None  # nothing to estimate
