@@ -3,9 +3,8 @@ worker lives in another virtual environment)."""
 
 from __future__ import annotations
 
-import time
-
 import dataclasses
+import time
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast

@@ -57,7 +57,7 @@ def main() -> None:
         examples = build_suite(seed=args.seed, n_per_task=args.n, lengths=[length], tokenizer=tok)
         for ratios in configs:
             policy = LazyLLM(layers, ratios)
-            full, lazy, work = [], [], []
+            full, lazy = [], []
             for ex in examples:  # interleaved, so machine noise hits both alike
                 full += run_qa(model, tok, [ex], "full", separate_question=sep)
                 lazy += run_qa(model, tok, [ex], policy, separate_question=sep)

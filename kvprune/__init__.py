@@ -1,6 +1,8 @@
 """kvprune: KV-cache eviction for Hugging Face transformers, as one cache you pass to ``generate``."""
 
 from .caches import Budget, CacheStats, PruningCache
+from .caches.lazy import LazyCache
+from .caches.spatten import SpAttenCache
 from .errors import (
     BatchMismatchError,
     CacheUsageError,
@@ -12,10 +14,6 @@ from .errors import (
     UnsupportedGenerationModeError,
 )
 from .integrations import SUPPORTED_MODEL_TYPES, make_cache, prepare_model
-from .caches.lazy import LazyCache
-from .caches.spatten import SpAttenCache
-from .policies.lazyllm import LazyLLM
-from .policies.spatten import SpAtten
 from .policies import (
     A2SF,
     H2O,
@@ -32,6 +30,8 @@ from .policies import (
     StreamingLLM,
     build_policy,
 )
+from .policies.lazyllm import LazyLLM
+from .policies.spatten import SpAtten
 
 __version__ = "0.1.0"
 

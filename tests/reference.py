@@ -8,12 +8,23 @@ keep-sets with plain Python loops over tokens. Float64 models keep ties out of t
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import DynamicCache
 
-import math
-
-from kvprune.policies import A2SF, H2O, TOVA, KeyDiff, KNorm, ObservedAttention, Policy, RandomPolicy, SnapKV, StreamingLLM
+from kvprune.policies import (
+    A2SF,
+    H2O,
+    TOVA,
+    KeyDiff,
+    KNorm,
+    ObservedAttention,
+    Policy,
+    RandomPolicy,
+    SnapKV,
+    StreamingLLM,
+)
 from kvprune.policies.random import hash_uniform
 
 

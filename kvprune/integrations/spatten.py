@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPast
 import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..caches.quant import QTensor
 from ..caches.spatten import SpAttenCache, SpAttenLayer
