@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from kvprune.errors import InvalidParameterError
+from kvprune.integrations.compat import with_cache
 from kvprune.integrations.lazyllm import make_lazy_cache
 from kvprune.policies.lazyllm import LazyLLM
 
@@ -44,8 +45,10 @@ def _model(attn="sdpa"):
 def schedules(draw):
     layers = draw(st.lists(st.integers(0, N_LAYERS - 2), min_size=1, max_size=3, unique=True))
     ratios = draw(st.lists(st.sampled_from([0.2, 0.5, 0.8]), min_size=len(layers), max_size=len(layers)))
+    decode = draw(st.none() | st.lists(st.sampled_from([0.0, 0.2, 0.8]), min_size=len(layers), max_size=len(layers)))
     lengths = draw(st.lists(st.integers(1, 16), min_size=1, max_size=3))
-    return LazyLLM(prune_layers=tuple(sorted(layers)), prune_ratios=tuple(ratios)), lengths, draw(st.integers(1, 6))
+    policy = LazyLLM(prune_layers=tuple(sorted(layers)), prune_ratios=tuple(ratios), decode_ratios=decode)
+    return policy, lengths, draw(st.integers(1, 6))
 
 
 @given(schedules())
@@ -82,21 +85,23 @@ def _record_selections(cache):
     for layer in cache.layers:
         original = layer.begin
 
-        def begin(qpos, qvalid, selected, _layer=layer, _orig=original):
+        def begin(qpos, qvalid, selected, prunes, _layer=layer, _orig=original):
             log.append((_layer.layer_idx, qpos.clone(), qvalid.clone(), selected.clone()))
-            _orig(qpos, qvalid, selected)
+            _orig(qpos, qvalid, selected, prunes)
 
         layer.begin = begin
     return log
 
 
+@pytest.mark.parametrize("decode_ratios", [None, (0.0, 0.2, 0.8)], ids=["same", "decode_gentler"])
 @pytest.mark.parametrize("lengths", [[21], [21, 14]])
-def test_revived_tokens_equal_full_recomputation(lengths):
+def test_revived_tokens_equal_full_recomputation(lengths, decode_ratios):
     """One full eager forward over all tokens, each (token, layer) masked to the keys LazyLLM let it see
     when it computed it, gives the same K/V and logits as the incremental run with its Aux Cache."""
     model = _model("eager")
     ids, mask = padded_batch(lengths)
-    cache = make_lazy_cache(model, LazyLLM(prune_layers=(0, 1, 2), prune_ratios=(0.5, 0.5, 0.5)))
+    policy = LazyLLM(prune_layers=(0, 1, 2), prune_ratios=(0.5, 0.5, 0.5), decode_ratios=decode_ratios)
+    cache = make_lazy_cache(model, policy)
     log = _record_selections(cache)
     tokens, logits = _generate(model, ids, mask, cache, 8)
     stats = cache.compute_stats()
@@ -153,6 +158,29 @@ def test_schedule_and_parameters():
             LazyLLM(**bad)
     with pytest.raises(InvalidParameterError, match="valid: 0..2"):
         LazyLLM(prune_layers=(3,), prune_ratios=(0.5,)).schedule(4)
+    gentler = LazyLLM(prune_layers=(1, 2), prune_ratios=(0.6, 0.8), decode_ratios=(0.0, 0.5))
+    assert gentler.schedule(4) == {1: 0.6, 2: 0.8} and gentler.schedule(4, decoding=True) == {2: 0.5}
+    assert LazyLLM().schedule(10, decoding=True) == LazyLLM().schedule(10)  # default: the prompt's ratios
+    for bad in (dict(decode_ratios=(0.5,)), dict(decode_ratios=(0.5, 1.0, 0.5))):
+        with pytest.raises(InvalidParameterError, match="decode_ratios|fraction"):
+            LazyLLM(**bad)
+
+
+def test_decode_ratios_apply_to_decoding_steps_only():
+    """A prompt step prunes with prune_ratios; a decoding step that prunes nothing revives every deferred
+    token, each still computed once per layer."""
+    model = _model()
+    ids, mask = padded_batch([24, 17])
+    cache = make_lazy_cache(model, LazyLLM(prune_layers=(0, 2), prune_ratios=(0.5, 0.5), decode_ratios=(0.0, 0.0)))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, **with_cache(cache))
+        after_prompt = cache.compute_stats()
+        nxt = torch.ones((2, 1), dtype=torch.long)
+        model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), **with_cache(cache))
+    assert after_prompt["computed"] < after_prompt["baseline"]
+    valid = cache.token_valid
+    assert bool((cache.computed[valid] == 1).all()), "every real token computed exactly once at every layer"
+    assert bool((cache.computed[~valid] == 0).all())
 
 
 def test_select_keeps_newest_and_prunes_percentile():

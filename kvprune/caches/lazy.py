@@ -37,6 +37,7 @@ class LazyLayer(StepwiseLayer):
         self.valid: torch.Tensor | None = None  # [B, N]
         self.pending = 0
         self.importance: torch.Tensor | None = None
+        self.frozen = False
         self.is_initialized = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -48,9 +49,11 @@ class LazyLayer(StepwiseLayer):
         self.valid = torch.empty((b, 0), dtype=torch.bool, device=self.device)
         self.is_initialized = True
 
-    def begin(self, query_pos: torch.Tensor, query_valid: torch.Tensor, selected: torch.Tensor) -> None:
-        """Called by the lazy forward before the layer runs: query positions ``[B, Q]`` and the selection ``[B, T]``."""
+    def begin(self, query_pos: torch.Tensor, query_valid: torch.Tensor, selected: torch.Tensor, prunes: bool) -> None:
+        """Called by the lazy forward before the layer runs: query positions ``[B, Q]``, the selection ``[B, T]``
+        and whether this step prunes after this layer (only then is the newest token's attention needed)."""
         self._qpos, self._qvalid, self._selected = query_pos, query_valid, selected
+        self.frozen = not prunes  # the attention function observes nothing for a frozen layer
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
@@ -120,7 +123,8 @@ class LazyCache(StepwiseCache):
 
     def __init__(self, policy: LazyLLM, num_layers: int) -> None:
         self.policy = policy
-        self.schedule = policy.schedule(num_layers)
+        self.schedule = policy.schedule(num_layers)  # steps that read the prompt
+        self.decode_schedule = policy.schedule(num_layers, decoding=True)  # steps of one new token per row
         super().__init__(layers=[LazyLayer(i, policy) for i in range(num_layers)])
         self.reset_tokens()
 

@@ -227,7 +227,8 @@ def kvprune_attention(
         else:
             new_valid = _padding_of_new_tokens(attention_mask, q, b)
         layer.observe_padding(new_valid)
-        policy = None if getattr(layer, "frozen", False) else layer.policy  # prefill_only: nothing observed after the prefill
+        # frozen: nothing to observe this step (prefill_only past the prefill; LazyLLM off its pruning layers)
+        policy = None if getattr(layer, "frozen", False) else layer.policy
         causal = q > 1 and layer.is_plain_causal(q, sliding_window)
     else:
         new_valid = _padding_of_new_tokens(attention_mask, q, b)

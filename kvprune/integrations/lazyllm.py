@@ -74,29 +74,37 @@ def lazy_forward(
     newest = torch.zeros_like(selected)
     newest[:, -1] = True
     rows = torch.arange(b, device=embeds.device)[:, None]
+    schedule = cache.decode_schedule if q == 1 else cache.schedule
+    carried = None  # the token set computed at the previous layer: its states stay packed while it is unchanged
     for idx, layer in enumerate(base.layers[: len(cache.layers)]):
         todo = selected & (cache.depth == idx)
-        qpos, qvalid = _pack_left(todo)
-        src = qpos.clamp(min=0)
-        hidden = cache.hidden.gather(1, src[..., None].expand(-1, -1, d))
-        rope = cache.rope_pos.gather(1, src)
+        if carried is None or not torch.equal(todo, carried):
+            if carried is not None:
+                cache.hidden[bi, pi] = hidden[qvalid].to(cache.hidden.dtype)
+            qpos, qvalid = _pack_left(todo)
+            src = qpos.clamp(min=0)
+            hidden = cache.hidden.gather(1, src[..., None].expand(-1, -1, d))
+            rope = cache.rope_pos.gather(1, src)
+            position_embeddings = base.rotary_emb(hidden, rope)
+            bi, pi = rows.expand_as(qpos)[qvalid], qpos[qvalid]
         lazy_layer = cache.layers[idx]
-        lazy_layer.begin(qpos, qvalid, selected)
+        lazy_layer.begin(qpos, qvalid, selected, idx in schedule)
         out = layer(
             hidden,
             attention_mask=None,
             position_ids=rope,
             **with_cache(cache),
             use_cache=True,
-            position_embeddings=base.rotary_emb(hidden, rope),
+            position_embeddings=position_embeddings,
         )
-        out = out[0] if isinstance(out, tuple) else out
-        bi, pi = rows.expand_as(qpos)[qvalid], qpos[qvalid]
-        cache.hidden[bi, pi] = out[qvalid].to(cache.hidden.dtype)
+        hidden = out[0] if isinstance(out, tuple) else out
         cache.depth[bi, pi] += 1
         cache.computed[bi, pi, idx] += 1
-        if idx in cache.schedule:
-            selected = cache.policy.select(lazy_layer.importance, selected, newest, cache.schedule[idx])
+        carried = todo
+        if idx in schedule:
+            selected = cache.policy.select(lazy_layer.importance, selected, newest, schedule[idx])
+    if carried is not None:
+        cache.hidden[bi, pi] = hidden[qvalid].to(cache.hidden.dtype)
 
     last = len(cache.layers)
     final = cache.hidden[:, n_tokens - q :]

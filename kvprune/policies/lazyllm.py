@@ -22,10 +22,14 @@ class LazyLLM:
     """Where to prune and how much: ``prune_ratios[i]`` of the present tokens after layer ``prune_layers[i]``.
 
     ``prune_layers`` entries are layer indices (int) or fractions of the depth (float in (0, 1)).
+    ``decode_ratios`` (default: ``prune_ratios``, the paper's setting) apply instead at decoding steps
+    (one new token per row): pruning less there revives more of what the prompt step deferred, which
+    keeps multi-token answers intact while the prompt step keeps its time-to-first-token saving.
     """
 
     prune_layers: tuple[int | float, ...] = (0.3, 0.6, 0.9)
     prune_ratios: tuple[float, ...] = (0.5, 0.5, 0.5)
+    decode_ratios: tuple[float, ...] | None = None
 
     name: ClassVar[str] = "lazyllm"
     observation: ClassVar[str] = "last_query"
@@ -34,12 +38,15 @@ class LazyLLM:
     def __post_init__(self) -> None:
         self.prune_layers = tuple(self.prune_layers)
         self.prune_ratios = tuple(self.prune_ratios)
-        if len(self.prune_layers) != len(self.prune_ratios):
-            raise InvalidParameterError(
-                f"prune_layers and prune_ratios need one entry each per pruning layer; got "
-                f"{len(self.prune_layers)} layers and {len(self.prune_ratios)} ratios"
-            )
-        for r in self.prune_ratios:
+        if self.decode_ratios is not None:
+            self.decode_ratios = tuple(self.decode_ratios)
+        for label, ratios in (("prune_ratios", self.prune_ratios), ("decode_ratios", self.decode_ratios)):
+            if ratios is not None and len(self.prune_layers) != len(ratios):
+                raise InvalidParameterError(
+                    f"prune_layers and {label} need one entry each per pruning layer; got "
+                    f"{len(self.prune_layers)} layers and {len(ratios)} ratios"
+                )
+        for r in self.prune_ratios + (self.decode_ratios or ()):
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0.0 <= r < 1.0:
                 raise InvalidParameterError(f"each prune ratio is the fraction of present tokens pruned, in [0, 1); got {r!r}")
         for l in self.prune_layers:
@@ -47,10 +54,12 @@ class LazyLLM:
             if not ok:
                 raise InvalidParameterError(f"a pruning layer is a layer index >= 0 or a depth fraction in (0, 1); got {l!r}")
 
-    def schedule(self, n_layers: int) -> dict[int, float]:
-        """``{layer index: prune ratio}``; fractions map to ``round(f * n_layers)``, the last layer excluded."""
+    def schedule(self, n_layers: int, decoding: bool = False) -> dict[int, float]:
+        """``{layer index: prune ratio}`` (of a decoding step with ``decoding``); fractions map to
+        ``round(f * n_layers)``, the last layer excluded."""
+        ratios = self.decode_ratios if decoding and self.decode_ratios is not None else self.prune_ratios
         out: dict[int, float] = {}
-        for l, r in zip(self.prune_layers, self.prune_ratios):
+        for l, r in zip(self.prune_layers, ratios):
             idx = l if isinstance(l, int) else int(round(l * n_layers))
             if idx >= n_layers - 1:
                 if isinstance(l, int):
