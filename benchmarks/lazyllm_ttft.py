@@ -1,6 +1,7 @@
 """LazyLLM time-to-first-token and total generation time against the unpruned model, on this CPU.
 
     python benchmarks/lazyllm_ttft.py [--lengths 2048,4096] [--new-tokens 32] [--repeats 3]
+                                      [--prune-layers 0.3,0.6,0.9] [--ratios 0.5,0.5,0.5] [--decode-ratios R]
 
 A random-initialised Llama (timing does not depend on the weights' values); ratios are measured in
 one run, medians over repeats. Accuracy lives in benchmarks/lazyllm_accuracy.py (demo model).
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--ratios", default="0.5,0.5,0.5", help="LazyLLM prune ratios, one per pruning layer")
+    ap.add_argument("--decode-ratios", default="same", help="prune ratios at decoding steps; 'same': --ratios")
     ap.add_argument("--prune-layers", default="0.3,0.6,0.9", help="layer indices, or depth fractions with a '.'")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -48,8 +50,10 @@ def main() -> None:
     model = LlamaForCausalLM(config).eval()
     ratios = tuple(float(r) for r in args.ratios.split(","))
     layers = tuple(float(x) if "." in x else int(x) for x in args.prune_layers.split(","))
+    decode = None if args.decode_ratios == "same" else tuple(float(r) for r in args.decode_ratios.split(","))
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"model: Llama {args.layers} layers, hidden {args.hidden}, GQA 2 KV heads; LazyLLM prune ratios {ratios} after layers {layers}")
+    print(f"model: Llama {args.layers} layers, hidden {args.hidden}, GQA 2 KV heads; LazyLLM prune ratios {ratios} after layers {layers}, "
+          f"decoding steps {decode or ratios}")
     print("| prompt | TTFT full (s) | TTFT LazyLLM (s) | TTFT speedup | total full (s) | total LazyLLM (s) | total speedup | layer-token work |")
     print("|---|---|---|---|---|---|---|---|")
     for n in [int(x) for x in args.lengths.split(",")]:
@@ -61,7 +65,8 @@ def main() -> None:
                                min_new_tokens=new, do_sample=False, **with_cache(make()), pad_token_id=0)
 
         full = lambda: (model.set_attn_implementation("sdpa"), DynamicCache())[1]  # noqa: E731  plain transformers
-        lazy = lambda: kvprune.make_cache(model, "lazyllm", prune_layers=layers, prune_ratios=ratios)  # noqa: E731
+        lazy = lambda: kvprune.make_cache(model, "lazyllm", prune_layers=layers, prune_ratios=ratios,  # noqa: E731
+                                            decode_ratios=decode)
         # interleaved repeats, so load from other processes hits both sides alike
         ttft_full, ttft_lazy, tot_full, tot_lazy = [], [], [], []
         for _ in range(args.repeats):
