@@ -121,3 +121,26 @@ def test_run_qa_reads_the_question_against_the_compressed_context():
         ids = torch.tensor([tok.encode(ex["context"] + " " + ex["question"])])
         out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0, past_key_values=DynamicCache())
         assert a.prediction == tok.decode(out[0, ids.shape[1]:]).split("\n")[0].strip()
+
+
+def test_cli_params_take_lists_and_reject_malformed_pairs():
+    from kvprune.eval.cli import _params
+
+    assert _params("alpha=0.1,n_sink=4,importance=norm") == {"alpha": 0.1, "n_sink": 4, "importance": "norm"}
+    assert _params("prune_layers=[1,3],prune_ratios=[0.6,0.8],decode_ratios=[0,0.8]") == {
+        "prune_layers": (1, 3), "prune_ratios": (0.6, 0.8), "decode_ratios": (0, 0.8)}
+    assert _params(None) == {}
+    for bad in ("alpha", "prune_ratios=[0.6,"):
+        with pytest.raises(SystemExit, match="--params"):
+            _params(bad)
+
+
+def test_cli_longqa_budget_defaults_and_typed_errors(capsys):
+    """LazyLLM runs without a budget by default; a bad budget or a budget LazyLLM cannot take exits 2 with one line."""
+    assert main(["longqa", "--policy", "lazyllm", "--n-examples", "1", "--lengths", "256",
+                 "--params", "prune_layers=[1,3],prune_ratios=[0.6,0.8],decode_ratios=[0,0.8]"]) == 0
+    assert "(lazyllm, budget None)" in capsys.readouterr().out
+    assert main(["longqa", "--policy", "h2o", "--budget", "0", "--n-examples", "1", "--lengths", "256"]) == 2
+    assert "InvalidBudgetError" in capsys.readouterr().err
+    assert main(["longqa", "--policy", "lazyllm", "--budget", "0.5", "--n-examples", "1", "--lengths", "256"]) == 2
+    assert "takes no budget" in capsys.readouterr().err

@@ -23,13 +23,46 @@ def _csv(kind):
 
 
 def _params(text: str | None) -> dict[str, Any]:
-    """``alpha=0.1,n_sink=4`` -> keyword arguments (numbers parsed)."""
+    """``alpha=0.1,n_sink=4`` or ``prune_layers=[1,3],prune_ratios=[0.6,0.8]`` -> keyword arguments.
+
+    Commas inside brackets belong to the value; numbers, lists (as tuples), true/false/null are JSON.
+    """
+    items, depth, start, text = [], 0, 0, text or ""
+    for i, ch in enumerate(text + ","):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise SystemExit(f"kvprune: error: --params has unbalanced brackets: {text!r}")
     out: dict[str, Any] = {}
-    for item in (text or "").split(","):
-        if item.strip():
-            key, _, value = item.partition("=")
-            out[key.strip()] = json.loads(value) if value.strip()[:1].isdigit() or value.strip()[:1] == "-" else value
+    for item in (x.strip() for x in items):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise SystemExit(f"kvprune: error: --params takes key=value pairs separated by commas; got {item!r}")
+        value = value.strip()
+        if value[:1].isdigit() or value[:1] in "-[" or value in ("true", "false", "null"):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"kvprune: error: --params {key.strip()}={value!r} is not a number or list: {err}") from None
+            value = tuple(parsed) if isinstance(parsed, list) else parsed
+        out[key.strip()] = value
     return out
+
+
+def _policy_budget(policy: str, budget: int | float | None, default: int | float) -> int | float | None:
+    """``--budget`` as given, or when omitted: none for unbudgeted policies (full, lazyllm), else ``default``."""
+    from .compare import UNBUDGETED
+
+    if budget is _OMITTED:
+        return None if policy in UNBUDGETED else default
+    return budget
+
+
+_OMITTED: Any = object()  # --budget not given
 
 
 def load_model(spec: str, attn: str = "sdpa"):
@@ -99,6 +132,7 @@ def cmd_longqa(args) -> int:
         from .tasks import build_suite
 
         examples = build_suite(seed=args.seed, n_per_task=args.n_examples, lengths=args.lengths, tokenizer=tokenizer)
+    args.budget = _policy_budget(args.policy, args.budget, 0.25)
     answers = run_qa(model, tokenizer, examples, args.policy, args.budget, batch_size=args.batch_size, **_params(args.params))
     for a in answers:
         mark = "ok " if a.correct else "BAD"
@@ -118,6 +152,7 @@ def cmd_generate(args) -> int:
     if tokenizer is None:
         raise SystemExit("generate needs a model with a tokenizer")
     inputs = tokenizer(args.prompt, return_tensors="pt")
+    args.budget = _policy_budget(args.policy, args.budget, 256)
     cache = make_cache(model, args.policy, args.budget, **_params(args.params))
     with torch.no_grad():
         out = model.generate(**inputs, **with_cache(cache), max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -156,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="longqa", help=argparse.SUPPRESS)
     p.add_argument("--file", help="RULER-style JSONL of QA examples")
     p.add_argument("--policy", default="a2sf", choices=METHODS)
-    p.add_argument("--budget", type=_budget, default=0.25)
-    p.add_argument("--params", help="policy parameters, e.g. alpha=0.1,n_sink=4")
+    p.add_argument("--budget", type=_budget, default=_OMITTED, help="tokens (int), fraction (float) or none; default 0.25 "
+                   "(none for full and lazyllm)")
+    p.add_argument("--params", help="policy parameters, e.g. alpha=0.1,n_sink=4 or prune_layers=[1,3],prune_ratios=[0.6,0.8]")
     p.add_argument("--n-examples", type=int, default=4)
     p.add_argument("--lengths", type=_csv(int), default=[512])
     p.add_argument("--batch-size", type=int, default=4)
@@ -167,16 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--policy", default="a2sf", choices=METHODS)
-    p.add_argument("--budget", type=_budget, default=256)
-    p.add_argument("--params", help="policy parameters, e.g. alpha=0.1")
+    p.add_argument("--budget", type=_budget, default=_OMITTED, help="tokens (int), fraction (float) or none; default 256 "
+                   "(none for full and lazyllm)")
+    p.add_argument("--params", help="policy parameters, e.g. alpha=0.1 or prune_layers=[1,3],prune_ratios=[0.6,0.8]")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a kvprune error (bad budget, parameter, architecture) prints one line and exits 2."""
+    from ..errors import KVPruneError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KVPruneError as err:
+        print(f"kvprune: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,8 +2,9 @@
 
 Per step, per layer: gather the hidden states of the selected tokens that still need this layer
 (the new tokens, and revived tokens resuming from the Aux Cache), run the real decoder layer on
-just those, scatter the results back, and after each pruning layer drop the least attended
-tokens from the selection. So the saving is real compute, and each token is computed at most once
+just those, and after each pruning layer drop the least attended tokens from the selection; the
+states go back to the Aux Cache when the set changes (they stay packed across layers where it
+does not). So the saving is real compute, and each token is computed at most once
 per layer over the whole generation.
 """
 
@@ -75,7 +76,9 @@ def lazy_forward(
     newest[:, -1] = True
     rows = torch.arange(b, device=embeds.device)[:, None]
     schedule = cache.decode_schedule if q == 1 else cache.schedule
-    carried = None  # the token set computed at the previous layer: its states stay packed while it is unchanged
+    # the token set computed at the previous layer: its states stay packed (hidden, at qpos) while it is unchanged
+    carried: torch.Tensor | None = None
+    hidden = qvalid = bi = pi = torch.empty(0)
     for idx, layer in enumerate(base.layers[: len(cache.layers)]):
         todo = selected & (cache.depth == idx)
         if carried is None or not torch.equal(todo, carried):
