@@ -220,3 +220,35 @@ def test_beam_search_and_sampling_without_pruning_match_baseline():
             outs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0,
                                        past_key_values=cache, **kw))
         assert torch.equal(outs[0], outs[1]), kw
+
+
+def test_staircase_attention_equals_masked_sdpa():
+    """Queries in position order against shuffled slots: block-wise attention over the slots up to each block's
+    last position equals one masked SDPA call (padding, GQA)."""
+    from kvprune.integrations.attention import sdpa_output, staircase_output
+
+    torch.manual_seed(0)
+    b, hq, hkv, d, n = 2, 4, 2, 8, 40
+    kpos = torch.stack([torch.randperm(n), torch.randperm(n)])
+    kpos[1, :3] = -1  # padding slots
+    qpos = torch.stack([torch.arange(n - 19, n), torch.cat([torch.full((3,), -1), torch.arange(n - 16, n)])])
+    allowed = (kpos[:, None, None, :] <= qpos[:, None, :, None]) & (kpos[:, None, None, :] >= 0)
+    allowed |= kpos[:, None, None, :] == qpos[:, None, :, None]
+    query, key, value = torch.randn(b, hq, 19, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
+    torch.testing.assert_close(staircase_output(query, key, value, allowed, qpos, kpos, 0.3),
+                               sdpa_output(query, key, value, allowed, 0.3))
+
+
+def test_revival_through_staircase_attention_matches_one_masked_call(monkeypatch):
+    """Decoding steps that revive many tokens give the same tokens and logits with block-wise attention."""
+    import kvprune.integrations.attention as attention
+
+    model = _model()
+    ids, mask = padded_batch([40, 29])
+    policy = LazyLLM(prune_layers=(0, 1), prune_ratios=(0.7, 0.5), decode_ratios=(0.0, 0.2))
+    runs = []
+    for threshold in (10**9, 1):
+        monkeypatch.setattr(attention, "STAIRCASE_MIN_QUERIES", threshold)
+        runs.append(_generate(model, ids, mask, make_lazy_cache(model, policy), 4))
+    assert torch.equal(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1])

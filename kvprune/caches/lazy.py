@@ -24,6 +24,7 @@ class LazyLayer(StepwiseLayer):
 
     METHOD = "LazyLLM"
     heads_aligned = True  # one token set per row, shared by the heads
+    queries_by_position = True  # a step's queries come in ascending position (left-padded with -1)
     all_valid = False  # always build the mask (selection changes per step)
 
     def __init__(self, layer_idx: int, policy: LazyLLM) -> None:
@@ -54,6 +55,11 @@ class LazyLayer(StepwiseLayer):
         and whether this step prunes after this layer (only then is the newest token's attention needed)."""
         self._qpos, self._qvalid, self._selected = query_pos, query_valid, selected
         self.frozen = not prunes  # the attention function observes nothing for a frozen layer
+
+    @property
+    def query_positions(self) -> torch.Tensor:
+        """Positions ``[B, Q]`` of this step's queries at this layer, ascending (-1: padding)."""
+        return self._qpos
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:

@@ -27,6 +27,10 @@ BLOCK_ELEMENTS = 1 << 20
 #: 203 / 391 (the kernel's GQA path); 4 heads of 128, no GQA: 256: 35 / 21; 2048: 158 / 169; 4096: 535 / 438
 DECODE_KERNEL_MAX_KEYS = 768
 DECODE_KERNEL_MIN_KEYS = 2048
+#: from this many queries in position order against unordered slots (LazyLLM's revived tokens), attention
+#: runs in STAIRCASE_BLOCKS query blocks, each against only the keys up to its last position
+STAIRCASE_MIN_QUERIES = 256
+STAIRCASE_BLOCKS = 8
 
 
 def grouped_probs(
@@ -83,6 +87,34 @@ def sdpa_output(
     mask = None if allowed is None else _expand_heads(allowed, query.shape[1])
     gqa = query.shape[1] != key.shape[1]
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+
+
+def staircase_output(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor,
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """``sdpa_output`` for queries in ascending position (``query_pos [B, q]``) against slots in any order
+    (``key_pos [B, S]``) under a causal-by-position mask: with the slots put in position order, each query
+    block reads only the keys up to its last position, so the mask's empty part is skipped, not computed."""
+    q = query.shape[2]
+    order = key_pos.argsort(dim=-1, stable=True)  # padding slots (-1) first
+    key_pos = key_pos.gather(-1, order)
+    key = key.gather(2, order[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[-1]))
+    value = value.gather(2, order[:, None, :, None].expand(-1, value.shape[1], -1, value.shape[-1]))
+    allowed = allowed.gather(-1, order[:, None, None, :].expand(-1, allowed.shape[1], q, -1))
+    step = -(-q // STAIRCASE_BLOCKS)
+    out = []
+    for start in range(0, q, step):
+        stop = min(q, start + step)
+        width = max(1, int((key_pos <= query_pos[:, stop - 1 : stop]).sum(-1).max()))
+        out.append(sdpa_output(query[:, :, start:stop], key[:, :, :width], value[:, :, :width],
+                               allowed[:, :, start:stop, :width], scaling))
+    return torch.cat(out, dim=2)
 
 
 def causal_output(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, flash: bool) -> torch.Tensor:
@@ -270,6 +302,8 @@ def kvprune_attention(
         if not one_pass:
             if causal:
                 out = causal_output(query, key, value, scaling, flash=backend == "flash_attention_2")
+            elif q >= STAIRCASE_MIN_QUERIES and getattr(layer, "queries_by_position", False):
+                out = staircase_output(query, key, value, allowed, layer.query_positions, layer.positions, scaling)
             else:
                 out = sdpa_output(query, key, value, allowed, scaling)
     if layer is not None:
