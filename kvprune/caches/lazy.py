@@ -16,7 +16,7 @@ import torch
 from ..errors import BatchMismatchError
 from ..policies.lazyllm import LazyLLM
 from .cache import CacheStats
-from .stepwise import StepwiseCache, StepwiseLayer
+from .stepwise import StepwiseCache, StepwiseLayer, append_along
 
 
 class LazyLayer(StepwiseLayer):
@@ -64,10 +64,10 @@ class LazyLayer(StepwiseLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, self._qpos], dim=-1)
-        self.valid = torch.cat([self.valid, self._qvalid], dim=-1)
+        append_along(self, "keys", key_states, dim=2)
+        append_along(self, "values", value_states, dim=2)
+        append_along(self, "positions", self._qpos, dim=1)
+        append_along(self, "valid", self._qvalid, dim=1)
         self.pending = key_states.shape[-2]
         self.keys._kvprune_layer = self
         return self.keys, self.values

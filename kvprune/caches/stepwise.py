@@ -12,6 +12,26 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import UnsupportedGenerationModeError
+from .layer import GROWTH_DIV, GROWTH_MIN
+
+
+def append_along(owner: Any, name: str, new: torch.Tensor, dim: int) -> None:
+    """``owner.<name> = cat([owner.<name>, new], dim)``, amortised: the attribute is a view of a buffer with
+    free room, and while it is still that view (nothing replaced it) appending writes into the room."""
+    grown: dict[str, tuple[torch.Tensor, torch.Tensor]] = owner.__dict__.setdefault("_grown", {})
+    cur = getattr(owner, name)
+    n, q = (0 if cur is None else cur.shape[dim]), new.shape[dim]
+    buf, view = grown.get(name, (None, None))
+    if cur is None or view is not cur or n + q > buf.shape[dim]:
+        shape = list(new.shape)
+        shape[dim] = n + q + max(GROWTH_MIN, (n + q) // GROWTH_DIV)
+        buf = new.new_empty(shape)
+        if n:
+            buf.narrow(dim, 0, n).copy_(cur)
+    buf.narrow(dim, n, q).copy_(new)
+    view = buf.narrow(dim, 0, n + q)
+    grown[name] = (buf, view)
+    setattr(owner, name, view)
 
 
 class StepwiseLayer(CacheLayerMixin):
@@ -74,10 +94,9 @@ class StepwiseCache(Cache):
     token_valid: torch.Tensor | None
 
     def append_state(self, new: dict[str, torch.Tensor]) -> None:
-        """Concatenate the new tokens' state along the token dimension (dim 1)."""
+        """Append the new tokens' state along the token dimension (dim 1)."""
         for name, value in new.items():
-            old = getattr(self, name)
-            setattr(self, name, value if old is None else torch.cat([old, value], dim=1))
+            append_along(self, name, value, dim=1)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.n_seen

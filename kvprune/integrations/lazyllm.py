@@ -23,7 +23,11 @@ from .models import check_architecture, prepare_model
 
 def _pack_left(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions where ``mask [B, T]`` is true, ascending, left-padded with -1 to the widest row."""
-    width = int(mask.sum(-1).max())
+    counts = mask.sum(-1)
+    width = int(counts.max())
+    if bool((counts == width).all()):  # no padding needed (always so for one row): nonzero is row-major, ascending
+        packed = mask.nonzero()[:, 1].view(mask.shape[0], width)
+        return packed, torch.ones_like(packed, dtype=torch.bool)
     pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     packed = torch.where(mask, pos, -1).sort(dim=-1).values[:, mask.shape[1] - width :]
     return packed, packed >= 0
