@@ -252,3 +252,28 @@ def test_revival_through_staircase_attention_matches_one_masked_call(monkeypatch
         runs.append(_generate(model, ids, mask, make_lazy_cache(model, policy), 4))
     assert torch.equal(runs[0][0], runs[1][0])
     torch.testing.assert_close(runs[0][1], runs[1][1])
+
+
+def test_appends_reuse_buffer_room_and_count_it_as_metadata():
+    """Decoding steps write into a buffer with free room (no reallocation per token); beam reordering
+    replaces the tensors and the next append starts a new buffer; free room shows in the metadata bytes."""
+    from kvprune.caches.stepwise import free_room_bytes
+
+    model = _model()
+    ids, mask = padded_batch([20])
+    cache = make_lazy_cache(model, LazyLLM(prune_layers=(1,), prune_ratios=(0.5,)))
+    with torch.no_grad():
+        model(input_ids=ids, **with_cache(cache))
+        storage = cache.layers[0].keys.untyped_storage().data_ptr()
+        nxt = torch.ones((1, 1), dtype=torch.long)
+        model(input_ids=nxt, **with_cache(cache))
+        assert cache.layers[0].keys.untyped_storage().data_ptr() == storage, "appended in place"
+        assert free_room_bytes(cache.layers[0]) > 0 and free_room_bytes(cache) > 0
+        stats = cache.stats()
+        held = sum(t.nbytes for t in (cache.hidden, cache.depth, cache.token_valid, cache.rope_pos))
+        assert stats.metadata_bytes >= held + free_room_bytes(cache)
+        cache.reorder_cache(torch.tensor([0]))
+        assert free_room_bytes(cache.layers[0]) == 0, "a replaced tensor is no longer a view of the buffer"
+        before = cache.layers[0].keys.clone()
+        model(input_ids=nxt, **with_cache(cache))
+    assert torch.equal(cache.layers[0].keys[:, :, : before.shape[2]], before)

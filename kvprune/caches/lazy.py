@@ -16,7 +16,7 @@ import torch
 from ..errors import BatchMismatchError
 from ..policies.lazyllm import LazyLLM
 from .cache import CacheStats
-from .stepwise import StepwiseCache, StepwiseLayer, append_along
+from .stepwise import StepwiseCache, StepwiseLayer, append_along, free_room_bytes
 
 
 class LazyLayer(StepwiseLayer):
@@ -162,7 +162,7 @@ class LazyCache(StepwiseCache):
         self.n_seen += q
 
     def stats(self) -> CacheStats:
-        """What the cache holds (LazyLLM evicts nothing; the Aux Cache counts as metadata)."""
+        """What the cache holds (LazyLLM evicts nothing; the Aux Cache and free buffer room count as metadata)."""
         layers = [layer for layer in self.layers if layer.is_initialized]
         aux = 0 if self.hidden is None else sum(t.nbytes for t in (self.hidden, self.depth, self.token_valid, self.rope_pos))
         return CacheStats(
@@ -171,7 +171,8 @@ class LazyCache(StepwiseCache):
             slots=[layer.keys.shape[-2] for layer in layers],
             evictions=[0 for _ in layers],
             kv_bytes=sum(layer.keys.nbytes + layer.values.nbytes for layer in layers),
-            metadata_bytes=aux + sum(layer.positions.nbytes + layer.valid.nbytes for layer in layers),
+            metadata_bytes=aux + free_room_bytes(self)
+            + sum(layer.positions.nbytes + layer.valid.nbytes + free_room_bytes(layer) for layer in layers),
         )
 
     def compute_stats(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from ..errors import BatchMismatchError
 from ..policies.random import hash_uniform
 from ..policies.spatten import SpAtten
 from .cache import CacheStats
-from .stepwise import StepwiseCache, StepwiseLayer
+from .stepwise import StepwiseCache, StepwiseLayer, free_room_bytes
 from .quant import QTensor, cat, dequantize, quantize
 
 Stored = torch.Tensor | QTensor
@@ -271,7 +271,7 @@ class SpAttenCache(StepwiseCache):
             slots=[layer.valid.shape[1] for layer in layers],
             evictions=[int(((self.depth <= layer.layer_idx) & self.token_valid).sum()) for layer in layers],
             kv_bytes=sum(layer.kv_bytes for layer in layers),
-            metadata_bytes=meta + sum(layer.positions.nbytes + layer.valid.nbytes for layer in layers),
+            metadata_bytes=meta + free_room_bytes(self) + sum(layer.positions.nbytes + layer.valid.nbytes for layer in layers),
         )
 
     def spatten_stats(self) -> dict[str, Any]:

@@ -34,6 +34,12 @@ def append_along(owner: Any, name: str, new: torch.Tensor, dim: int) -> None:
     setattr(owner, name, view)
 
 
+def free_room_bytes(owner: Any) -> int:
+    """Bytes reserved by :func:`append_along` beyond what ``owner``'s attributes hold (counted as metadata)."""
+    grown = owner.__dict__.get("_grown", {})
+    return sum(buf.nbytes - view.nbytes for name, (buf, view) in grown.items() if getattr(owner, name) is view)
+
+
 class StepwiseLayer(CacheLayerMixin):
     """Layer contract shared by LazyLLM's and SpAtten's layers: no rollback, no compile, masks built by kvprune."""
 
