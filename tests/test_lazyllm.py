@@ -277,3 +277,20 @@ def test_appends_reuse_buffer_room_and_count_it_as_metadata():
         before = cache.layers[0].keys.clone()
         model(input_ids=nxt, **with_cache(cache))
     assert torch.equal(cache.layers[0].keys[:, :, : before.shape[2]], before)
+
+
+def test_beam_search_with_pruning_keeps_at_most_once_per_beam():
+    """Beam search reorders the rows (and the Aux Cache with them) between steps: every beam still computes
+    each token at most once per layer, and the run is deterministic."""
+    model = _model()
+    ids, mask = padded_batch([18, 11])
+    policy = LazyLLM(prune_layers=(0, 2), prune_ratios=(0.6, 0.5), decode_ratios=(0.2, 0.5))
+    outs = []
+    for _ in range(2):
+        cache = make_lazy_cache(model, policy)
+        outs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5,
+                                   num_beams=3, num_return_sequences=2, pad_token_id=0, do_sample=False,
+                                   **with_cache(cache)))
+        assert int(cache.computed.max()) <= 1
+        assert cache.compute_stats()["computed"] < cache.compute_stats()["baseline"]
+    assert torch.equal(outs[0], outs[1])
