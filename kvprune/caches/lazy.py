@@ -39,6 +39,8 @@ class LazyLayer(StepwiseLayer):
         self.pending = 0
         self.importance: torch.Tensor | None = None
         self.frozen = False
+        self._newest_only = False
+        self._holes = False  # whether a padding slot may be held (compact() has nothing to do otherwise)
         self.is_initialized = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -50,11 +52,15 @@ class LazyLayer(StepwiseLayer):
         self.valid = torch.empty((b, 0), dtype=torch.bool, device=self.device)
         self.is_initialized = True
 
-    def begin(self, query_pos: torch.Tensor, query_valid: torch.Tensor, selected: torch.Tensor, prunes: bool) -> None:
-        """Called by the lazy forward before the layer runs: query positions ``[B, Q]``, the selection ``[B, T]``
-        and whether this step prunes after this layer (only then is the newest token's attention needed)."""
+    def begin(self, query_pos: torch.Tensor, query_valid: torch.Tensor, selected: torch.Tensor, prunes: bool,
+              *, newest_only: bool = False, padded: bool = True) -> None:
+        """Called by the lazy forward before the layer runs: query positions ``[B, Q]``, the selection ``[B, T]``,
+        whether this step prunes after this layer (only then is the newest token's attention needed), whether
+        the only query of each row is the step's one new token, and whether some query is padding."""
         self._qpos, self._qvalid, self._selected = query_pos, query_valid, selected
         self.frozen = not prunes  # the attention function observes nothing for a frozen layer
+        self._newest_only = newest_only
+        self._holes = self._holes or padded  # padding slots appended: compaction may have work
 
     @property
     def query_positions(self) -> torch.Tensor:
@@ -78,9 +84,11 @@ class LazyLayer(StepwiseLayer):
 
     def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor:
         """Selected, valid keys at or before each query's position: ``[B, 1, Q, N]``."""
+        chosen = self.valid & self._selected.gather(1, self.positions.clamp(min=0))
+        if self._newest_only and sliding_window is None:
+            return chosen[:, None, None, :]  # the one query is the newest token: every key is before it or it
         kpos = self.positions[:, None, None, :]
         qpos = self._qpos[:, None, :, None]
-        chosen = self.valid & self._selected.gather(1, self.positions.clamp(min=0))
         allowed = chosen[:, None, None, :] & (kpos <= qpos)
         if sliding_window is not None:
             allowed &= kpos > qpos - sliding_window
@@ -100,7 +108,8 @@ class LazyLayer(StepwiseLayer):
         self.pending = 0
         if obs is not None:
             self._store_importance(obs)
-        self.compact()
+        if self._holes:
+            self.compact()
 
     def take_slots(self, order: torch.Tensor) -> None:
         self.keys, self.values = self.gather_slots(self.keys, order), self.gather_slots(self.values, order)

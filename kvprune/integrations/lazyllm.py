@@ -21,16 +21,17 @@ from .compat import base_output, with_cache
 from .models import check_architecture, prepare_model
 
 
-def _pack_left(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions where ``mask [B, T]`` is true, ascending, left-padded with -1 to the widest row."""
+def _pack_left(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Positions where ``mask [B, T]`` is true, ascending, left-padded with -1 to the widest row; and whether
+    any row needed padding."""
     counts = mask.sum(-1)
     width = int(counts.max())
     if bool((counts == width).all()):  # no padding needed (always so for one row): nonzero is row-major, ascending
         packed = mask.nonzero()[:, 1].view(mask.shape[0], width)
-        return packed, torch.ones_like(packed, dtype=torch.bool)
+        return packed, torch.ones_like(packed, dtype=torch.bool), False
     pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     packed = torch.where(mask, pos, -1).sort(dim=-1).values[:, mask.shape[1] - width :]
-    return packed, packed >= 0
+    return packed, packed >= 0, True
 
 
 def step_inputs(
@@ -88,14 +89,16 @@ def lazy_forward(
         if carried is None or not torch.equal(todo, carried):
             if carried is not None:
                 cache.hidden[bi, pi] = hidden[qvalid].to(cache.hidden.dtype)
-            qpos, qvalid = _pack_left(todo)
+            qpos, qvalid, padded = _pack_left(todo)
             src = qpos.clamp(min=0)
             hidden = cache.hidden.gather(1, src[..., None].expand(-1, -1, d))
             rope = cache.rope_pos.gather(1, src)
             position_embeddings = base.rotary_emb(hidden, rope)
             bi, pi = rows.expand_as(qpos)[qvalid], qpos[qvalid]
         lazy_layer = cache.layers[idx]
-        lazy_layer.begin(qpos, qvalid, selected, idx in schedule)
+        # the newest token alone (a decoding step, nothing revived here): all keys are at or before it
+        newest_only = q == 1 and qpos.shape[1] == 1 and not padded
+        lazy_layer.begin(qpos, qvalid, selected, idx in schedule, newest_only=newest_only, padded=padded)
         out = layer(
             hidden,
             attention_mask=None,

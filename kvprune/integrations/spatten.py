@@ -45,7 +45,7 @@ def spatten_forward(
     cache.step_full_pairs = int((k_new * n_valid - k_new * (k_new - 1) // 2).sum()) * cache.num_heads
     rows = torch.arange(b, device=hidden.device)[:, None]
     for idx, layer in enumerate(base.layers[: len(cache.layers)]):
-        local, qvalid = _pack_left(valid & (cache.depth[:, start:] > idx))
+        local, qvalid, _ = _pack_left(valid & (cache.depth[:, start:] > idx))
         src = local.clamp(min=0)
         h = hidden.gather(1, src[..., None].expand(-1, -1, d))
         rope = position_ids.gather(1, src)
