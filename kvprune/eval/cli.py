@@ -53,6 +53,9 @@ def _params(text: str | None) -> dict[str, Any]:
     return out
 
 
+_OMITTED: Any = object()  # --budget not given
+
+
 def _policy_budget(policy: str, budget: int | float | None, default: int | float) -> int | float | None:
     """``--budget`` as given, or when omitted: none for unbudgeted policies (full, lazyllm), else ``default``."""
     from .compare import UNBUDGETED
@@ -60,9 +63,6 @@ def _policy_budget(policy: str, budget: int | float | None, default: int | float
     if budget is _OMITTED:
         return None if policy in UNBUDGETED else default
     return budget
-
-
-_OMITTED: Any = object()  # --budget not given
 
 
 def load_model(spec: str, attn: str = "sdpa"):
