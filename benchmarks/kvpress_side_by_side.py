@@ -239,7 +239,7 @@ def main() -> None:
         sys.exit(f"no kvpress python at {args.kvpress_python}; create the venv (see this script's docstring) "
                  "or pass --kvpress-python")
 
-    from kvprune.integrations.llama2c import default_stories260k_path, load_llama2c
+    from kvprune.models.llama2c import default_stories260k_path, load_llama2c
 
     tmp = Path(tempfile.mkdtemp(prefix="kvpress_sbs_"))
     model = load_llama2c(default_stories260k_path(), attn_implementation="sdpa").eval()

@@ -54,7 +54,7 @@ def main() -> None:
     if len(decode_groups) not in (1, len(configs)):
         ap.error(f"--decode-ratios needs one group or one per --ratios group ({len(configs)})")
     decodes = [None if g == "same" else tuple(float(r) for r in g.split(",")) for g in decode_groups] * (len(configs) // len(decode_groups))
-    sep = args.protocol == "split"
+    protocol = "query_agnostic" if args.protocol == "split" else "query_aware"
     print(f"{model.config.num_hidden_layers}-layer model, {torch.get_num_threads()} thread(s), protocol {args.protocol}; "
           f"LazyLLM pruning layers {layers} -> {LazyLLM(layers, configs[0]).schedule(model.config.num_hidden_layers)}")
     print("| length | examples | ratios | decode ratios | EM full | EM LazyLLM | EM LazyLLM per task (full) | TTFT full (s) | "
@@ -66,8 +66,8 @@ def main() -> None:
             policy = LazyLLM(layers, ratios, decode)
             full, lazy = [], []
             for ex in examples:  # interleaved, so machine noise hits both alike
-                full += run_qa(model, tok, [ex], "full", separate_question=sep)
-                lazy += run_qa(model, tok, [ex], policy, separate_question=sep)
+                full += run_qa(model, tok, [ex], "full", protocol=protocol)
+                lazy += run_qa(model, tok, [ex], policy, protocol=protocol)
             em = lambda xs: sum(a.correct for a in xs) / len(xs)  # noqa: E731
             t = lambda xs: statistics.mean(a.prefill_s for a in xs)  # noqa: E731
             total = lambda xs: statistics.mean(a.prefill_s + a.decode_s for a in xs)  # noqa: E731

@@ -17,7 +17,7 @@ import torch
 
 import kvprune
 from kvprune.eval.fidelity import _teacher_force, fidelity, fidelity_metrics, full_reference, sample_sequences
-from kvprune.integrations.llama2c import default_stories260k_path, load_llama2c
+from kvprune.models.llama2c import default_stories260k_path, load_llama2c
 
 CONFIGS: list[tuple[str, dict]] = [
     ("no pruning, float", {"token_ratio": 0.0}),

@@ -124,7 +124,8 @@ class Reference:
                     recent = max(int(pol.recent_tokens(torch.tensor([cap]))[0]), 1)
                     prot = {p for p in kept if ranks[p] < pol.n_sink or ranks[p] >= n_valid - recent}
                     rank_by = self._eviction_rule(i, r, h, kept, sc, ranks, n_valid)
-                    others = sorted(kept - prot, key=lambda p: (-rank_by[p], p))  # ties: older token first
+                    # scores agreeing to 10 significant bits are ties; ties: older token first
+                    others = sorted(kept - prot, key=lambda p: (-on_grid(rank_by[p]), p))
                     kept &= prot | set(others[: cap - len(prot)])
                     for p in list(sc):
                         if p not in kept:
@@ -133,6 +134,11 @@ class Reference:
     def _eviction_rule(self, i, r, h, kept, sc, ranks, n_valid):
         """What the eviction ranks tokens by: the score, unless the rule needs the whole kept set."""
         pol = self.policy
+        if isinstance(pol, SnapKV) and pol.kernel_size > 1:  # max-pool over neighbouring kept tokens, by position
+            slots = sorted(kept)
+            half = pol.kernel_size // 2
+            pool = max if pol.pooling == "max" else (lambda xs: sum(xs) / pol.kernel_size)  # zero padding at the edges
+            return {k: pool([sc[x] for x in slots[max(0, j - half) : j + half + 1]]) for j, k in enumerate(slots)}
         if isinstance(pol, ObservedAttention):  # mean attention: the sum over the n - rank queries that saw it
             return {p: sc[p] / (n_valid - ranks[p]) for p in kept}
         if isinstance(pol, KeyDiff):  # -cos(k, mean of the kept unit keys)
@@ -165,13 +171,18 @@ class Reference:
         elif isinstance(pol, TOVA):  # newest query, averaged over all heads of the layer
             for k in kept:
                 sc[k] = float(w[r, :, q - 1, k].mean())
-        elif isinstance(pol, SnapKV):  # window votes, then max-pool over neighbouring slots
+        elif isinstance(pol, SnapKV):  # the window's votes (pooled when ranking, see _eviction_rule)
             win = [row for j, row in rows if j >= q - pol.window]
-            votes = {k: sum(row[k] for row in win) for k in kept}
-            slots = sorted(kept)  # neighbours in the cache's position order
-            half = pol.kernel_size // 2
-            for idx, k in enumerate(slots):
-                sc[k] = max(votes[x] for x in slots[max(0, idx - half) : idx + half + 1])
+            for k in kept:
+                sc[k] = sum(row[k] for row in win)
+
+
+def on_grid(x: float, bits: int = 10) -> float:
+    """``x`` rounded to ``bits`` significant bits, half away from zero (the documented ranking grid)."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    m, e = math.frexp(abs(x))  # abs(x) = m * 2**e, m in [0.5, 1)
+    return math.copysign(math.floor(m * 2**bits + 0.5) / 2**bits * 2.0**e, x)
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -184,4 +195,4 @@ def kept_positions(layer, r: int, h: int) -> set[int]:
     return {int(p) for p, v in zip(layer.positions[r, h], layer.valid[r, h]) if v}
 
 
-__all__ = ["Reference", "kept_positions", "position_ids_from_mask"]
+__all__ = ["Reference", "kept_positions", "on_grid", "position_ids_from_mask"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from reference import on_grid
 from transformers import DynamicCache
 
 
@@ -102,14 +103,14 @@ class SpAttenReference:
                     cands = [t for t in real if self.depth[r][t] > i + 1]
                     keep = max(math.floor(n_valid * (1 - p)), 1, len(forced & set(cands)))
                     # highest cumulative importance first, forced tokens always, ties to the older token
-                    order = sorted(cands, key=lambda t: (t not in forced, -self.score[r][t], t))
+                    order = sorted(cands, key=lambda t: (t not in forced, -on_grid(self.score[r][t]), t))
                     for t in order[keep:]:
                         self.depth[r][t] = i + 1
                 ph = self.head_p[i]
                 if ph > 0:
                     keep = max(1, math.floor(self.hq * (1 - ph)))
                     cands = [h for h in range(self.hq) if self.head_depth[r][h] > i + 1]
-                    order = sorted(cands, key=lambda h: (-self.head_score[r][h], h))
+                    order = sorted(cands, key=lambda h: (-on_grid(self.head_score[r][h]), h))
                     for h in order[keep:]:
                         self.head_depth[r][h] = i + 1
 

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 
 from kvprune.eval.cli import main  # noqa: E402
 from kvprune.eval.compare import COLUMNS, compare, plot_quality_vs_budget  # noqa: E402
-from kvprune.integrations.llama2c import default_stories260k_path  # noqa: E402
+from kvprune.models.llama2c import default_stories260k_path  # noqa: E402
 
 pytestmark = pytest.mark.integration
 needs_stories = pytest.mark.skipif(
@@ -71,7 +71,7 @@ def test_compare_runs_the_three_papers_methods():
 
 @needs_stories
 def test_compare_fidelity_task():
-    from kvprune.integrations.llama2c import load_llama2c
+    from kvprune.models.llama2c import load_llama2c
 
     model = load_llama2c(default_stories260k_path(), attn_implementation="sdpa")
     df = compare(model, task="fidelity", policies=["h2o"], budgets=[0.5], n_sequences=2, sequence_length=48)
@@ -124,14 +124,14 @@ def test_run_qa_reads_the_question_against_the_compressed_context():
 
 
 def test_cli_params_take_lists_and_reject_malformed_pairs():
-    from kvprune.eval.cli import _params
+    from kvprune.eval.cli import CLIError, _params
 
     assert _params("alpha=0.1,n_sink=4,importance=norm") == {"alpha": 0.1, "n_sink": 4, "importance": "norm"}
     assert _params("prune_layers=[1,3],prune_ratios=[0.6,0.8],decode_ratios=[0,0.8]") == {
         "prune_layers": (1, 3), "prune_ratios": (0.6, 0.8), "decode_ratios": (0, 0.8)}
     assert _params(None) == {}
     for bad in ("alpha", "prune_ratios=[0.6,"):
-        with pytest.raises(SystemExit, match="--params"):
+        with pytest.raises(CLIError, match="--params"):
             _params(bad)
 
 
@@ -139,8 +139,8 @@ def test_cli_longqa_budget_defaults_and_typed_errors(capsys):
     """LazyLLM runs without a budget by default; a bad budget or a budget LazyLLM cannot take exits 2 with one line."""
     assert main(["longqa", "--policy", "lazyllm", "--n-examples", "1", "--lengths", "256",
                  "--params", "prune_layers=[1,3],prune_ratios=[0.6,0.8],decode_ratios=[0,0.8]"]) == 0
-    assert "(lazyllm, budget None)" in capsys.readouterr().out
+    assert "(lazyllm, budget None, query_agnostic)" in capsys.readouterr().out
     assert main(["longqa", "--policy", "h2o", "--budget", "0", "--n-examples", "1", "--lengths", "256"]) == 2
-    assert "InvalidBudgetError" in capsys.readouterr().err
+    assert "'0' is not a budget" in capsys.readouterr().err
     assert main(["longqa", "--policy", "lazyllm", "--budget", "0.5", "--n-examples", "1", "--lengths", "256"]) == 2
     assert "takes no budget" in capsys.readouterr().err

@@ -32,6 +32,7 @@ NAN, INF = float("nan"), float("inf")
 SUPPORTED = "supported: llama, mistral, qwen2, qwen3"
 BACKENDS = "valid: eager, sdpa, flash_attention_2"
 POLICY_NAMES = "valid names: a2sf, full, h2o, keydiff, knorm, observed, random, snapkv, streaming, tova"
+METHOD_NAMES = "valid names (any case): a2sf, full, h2o, keydiff, knorm, lazyllm, observed, random, snapkv, spatten, streaming, tova"
 
 
 def raises(cls: type[Exception], phrase: str):
@@ -168,7 +169,7 @@ def test_unknown_policy(name):
 
 
 def test_unknown_policy_through_make_cache(llama):
-    with raises(UnknownPolicyError, POLICY_NAMES):
+    with raises(UnknownPolicyError, METHOD_NAMES):
         kvprune.make_cache(llama, "lru", budget=8)
 
 
@@ -269,12 +270,13 @@ def test_cache_with_unprepared_model(llama):
 
 
 def test_cache_without_config_with_unprepared_model(llama):
-    """Sized by num_layers only, the cache cannot check the model up front; the next forward refuses."""
+    """Sized by num_layers only, the cache still asks the calling attention module and refuses before storing
+    anything: it never holds more than its budget, not even for one forward."""
     cache = kvprune.PruningCache("a2sf", 8, num_layers=2)
-    ids, _ = padded_batch([5])
-    llama(ids, past_key_values=cache, use_cache=True)
-    with raises(CacheUsageError, "Prepare the model with kvprune.prepare_model(model)"):
-        llama(ids[:, :1], past_key_values=cache, use_cache=True)
+    ids, _ = padded_batch([12])
+    with raises(CacheUsageError, "call kvprune.prepare_model(model) first"):
+        llama(ids, past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 0 and not any(layer.is_initialized for layer in cache.layers)
 
 
 def test_cache_with_too_few_layers(llama):

@@ -26,7 +26,7 @@ from kvprune.eval import (
     full_reference,
     sample_sequences,
 )
-from kvprune.integrations.llama2c import default_stories260k_path, load_llama2c
+from kvprune.models.llama2c import default_stories260k_path, load_llama2c
 
 FIXTURE = default_stories260k_path()
 needs_fixture = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""Tests for the llama2.c legacy-v0 loader (kvprune.integrations.llama2c)."""
+"""Tests for the llama2.c legacy-v0 loader (kvprune.models.llama2c)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvprune.integrations.llama2c import (
+from kvprune.models.llama2c import (
     STORIES260K_SHA256,
     default_stories260k_path,
     load_llama2c,

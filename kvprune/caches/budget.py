@@ -10,6 +10,9 @@ import torch
 
 from ..errors import InvalidBudgetError
 
+#: the largest token budget: positions are stored as int32
+MAX_TOKENS = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -22,9 +25,9 @@ class Budget:
         if (self.tokens is None) == (self.ratio is None):
             raise InvalidBudgetError("a budget is exactly one of tokens=<int >= 1> or ratio=<float in (0, 1)>")
         if self.tokens is not None and (
-            isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1
+            isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or not 1 <= self.tokens <= MAX_TOKENS
         ):
-            raise InvalidBudgetError(f"a token budget must be an integer >= 1; got {self.tokens!r}")
+            raise InvalidBudgetError(f"a token budget must be an integer >= 1 and <= {MAX_TOKENS}; got {self.tokens!r}")
         if self.ratio is not None:
             r = self.ratio
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0.0 < r < 1.0:

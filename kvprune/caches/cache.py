@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ from transformers.cache_utils import Cache
 
 from ..errors import CacheUsageError, InvalidBudgetError, InvalidParameterError
 from ..policies import Policy, build_policy
+from .accounting import held_bytes
 from .budget import Budget
 from .layer import PruningLayer
 
@@ -26,8 +28,8 @@ class CacheStats:
     kept: list[torch.Tensor]  # per layer: [batch, kv_heads] valid tokens held
     slots: list[int]  # per layer: physical slots per (row, KV head)
     evictions: list[int]  # per layer: tokens evicted, summed over rows and heads
-    kv_bytes: int
-    metadata_bytes: int
+    kv_bytes: int  # keys and values held (packed parts when quantized)
+    metadata_bytes: int  # every other tensor byte the cache keeps alive; kv_bytes + metadata_bytes is all of it
 
 
 class PruningCache(Cache):
@@ -56,6 +58,11 @@ class PruningCache(Cache):
                 f"policy {self.policy.name!r} needs a budget: an int token count >= {self.policy.min_budget()} "
                 "or a float ratio in (0, 1) of the tokens seen (policy='full' needs none)"
             )
+        if not self.policy.evicts and self.budget is not None:
+            raise InvalidBudgetError(
+                f"policy {self.policy.name!r} keeps every token and takes no budget; pass budget=None, or pick an "
+                "evicting policy to hold the cache to a budget"
+            )
         if self.budget is not None:
             self.budget.check_room(self.policy.min_budget(), self.policy.name)
         self.config = config
@@ -75,8 +82,13 @@ class PruningCache(Cache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.config is not None and layer_idx == 0:  # once per forward
-            impl = str(getattr(self.config, "_attn_implementation", None))
+        # the attention module calling us says which attention function runs next; if it is not kvprune's,
+        # nothing would evict after this forward, so refuse before anything is stored
+        caller = None if torch.compiler.is_compiling() else sys._getframe(1).f_locals.get("self")
+        config = getattr(caller, "config", None) if isinstance(caller, torch.nn.Module) else None
+        config = config if config is not None else self.config
+        if config is not None:
+            impl = str(getattr(config, "_attn_implementation", None))
             if not impl.startswith(ATTN_PREFIX):
                 raise CacheUsageError(
                     f"the model's attention implementation is {impl!r}, so kvprune cannot see its attention; "
@@ -102,13 +114,14 @@ class PruningCache(Cache):
 
     def stats(self) -> CacheStats:
         layers = [layer for layer in self.layers if layer.is_initialized]
+        kv = sum(layer.kv_bytes() for layer in layers)
         return CacheStats(
             tokens_seen=self.get_seq_length(),
             kept=[layer.valid.sum(-1).cpu() for layer in layers],
             slots=[layer.physical_length for layer in layers],
             evictions=[layer.evictions for layer in layers],
-            kv_bytes=sum(layer.kv_bytes() for layer in layers),
-            metadata_bytes=sum(layer.metadata_bytes() for layer in layers),
+            kv_bytes=kv,
+            metadata_bytes=held_bytes(self) - kv,  # positions, ranks, validity, scores, free slots: all the rest
         )
 
     def __repr__(self) -> str:

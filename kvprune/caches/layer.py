@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..errors import BatchMismatchError, CacheUsageError, UnsupportedGenerationModeError
+from ..errors import BatchMismatchError, CacheUsageError, InvalidParameterError, UnsupportedGenerationModeError
 from ..policies import Policy
+from ..policies.base import rank_grid
 from .budget import Budget
 
 INDEX_DTYPE = torch.int32
@@ -45,6 +46,34 @@ def _held_view(i: int) -> property:
         self._meta[i] = value
 
     return property(get, set)
+
+
+def check_layout(layer_idx: int, held_keys: torch.Tensor, held_values: torch.Tensor, key_states: torch.Tensor,
+                 value_states: torch.Tensor) -> None:
+    """Refuse new keys/values whose head size or dtype differs from what the layer holds (another model)."""
+    if key_states.shape[-1] != held_keys.shape[-1] or value_states.shape[-1] != held_values.shape[-1]:
+        raise CacheUsageError(
+            f"layer {layer_idx} holds keys/values of head size {held_keys.shape[-1]}/{held_values.shape[-1]} but got "
+            f"{key_states.shape[-1]}/{value_states.shape[-1]}: this cache belongs to another model; use one cache per "
+            "model and conversation (kvprune.make_cache(model, ...))"
+        )
+    if key_states.dtype != held_keys.dtype or key_states.device != held_keys.device:
+        raise CacheUsageError(
+            f"layer {layer_idx} holds {held_keys.dtype} keys on {held_keys.device} but got {key_states.dtype} on "
+            f"{key_states.device}; use one cache per model and conversation"
+        )
+
+
+def check_row_index(index: object, batch: int) -> torch.Tensor:
+    """``index`` as a 1-D int64 tensor of rows in ``[0, batch)`` (beam reordering, batch selection), else a typed error."""
+    t = torch.as_tensor(index)
+    if t.dim() != 1 or t.dtype in (torch.bool,) or t.is_floating_point() or t.is_complex():
+        raise InvalidParameterError(f"row indices must be a 1-D integer tensor; got shape {tuple(t.shape)} of {t.dtype}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= batch):
+        raise InvalidParameterError(
+            f"row indices must be in [0, {batch}) for a cache holding {batch} rows; got min {int(t.min())}, max {int(t.max())}"
+        )
+    return t.long()
 
 
 def _is_compiling() -> bool:
@@ -109,6 +138,7 @@ class PruningLayer(CacheLayerMixin):
                 f"layer {self.layer_idx} holds batch {self.keys.shape[0]} x {self.keys.shape[1]} KV heads but got "
                 f"{b} x {h}; use one cache per batch (cache.reset() to start over)"
             )
+        check_layout(self.layer_idx, self.keys, self.values, key_states, value_states)
         # the new tokens go into free slots at the end of the buffers (no copy of the cache, unlike a
         # concatenation); free slots already hold the defaults rank -1, valid, score 0
         n = self.keys.shape[-2]
@@ -200,7 +230,7 @@ class PruningLayer(CacheLayerMixin):
     def _select_rows(self, index: torch.Tensor) -> None:
         if not self.is_initialized:
             return
-        index = index.to(self.device)
+        index = check_row_index(index, self.keys.shape[0]).to(self.device)
         for name in ("keys", "values", "positions", "ranks", "valid", "scores", "n_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self._bufs = None  # the next token reserves new buffers
@@ -304,7 +334,7 @@ class PruningLayer(CacheLayerMixin):
         eff = self.scores
         if type(self.policy).eviction_scores is not Policy.eviction_scores:
             eff = self.policy.eviction_scores(eff, self.keys, self.ranks, self.valid, self.n_valid)
-        eff = eff.masked_fill(self.protected(caps), float("inf")).masked_fill(~self.valid, float("-inf"))
+        eff = rank_grid(eff).masked_fill(self.protected(caps), float("inf")).masked_fill(~self.valid, float("-inf"))
         s = self.keys.shape[-2]
         if s == cap + 1 and bool((caps == cap).all()):
             # one slot over everywhere (a decode step): drop the lowest score, the newest among equals,
@@ -337,12 +367,3 @@ class PruningLayer(CacheLayerMixin):
 
     def kv_bytes(self) -> int:
         return 0 if not self.is_initialized else self.keys.nbytes + self.values.nbytes
-
-    def metadata_bytes(self) -> int:
-        """Positions, ranks, validity, scores and the free slots kept for the next tokens (K/V included)."""
-        if not self.is_initialized:
-            return 0
-        if self._bufs is None:
-            return sum(t.nbytes for t in (self.positions, self.ranks, self.valid, self.scores, self.n_valid))
-        free_kv = sum(b.nbytes - t.nbytes for b, t in zip(self._bufs[:2], (self.keys, self.values)))
-        return free_kv + sum(t.nbytes for t in self._bufs[2:]) + self.n_valid.nbytes

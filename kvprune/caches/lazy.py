@@ -16,7 +16,9 @@ import torch
 from ..errors import BatchMismatchError
 from ..policies.lazyllm import LazyLLM
 from .cache import CacheStats
-from .stepwise import StepwiseCache, StepwiseLayer, append_along, free_room_bytes
+from .layer import check_layout
+from .accounting import held_bytes
+from .stepwise import StepwiseCache, StepwiseLayer, append_along
 
 
 class LazyLayer(StepwiseLayer):
@@ -70,6 +72,7 @@ class LazyLayer(StepwiseLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        check_layout(self.layer_idx, self.keys, self.values, key_states, value_states)
         append_along(self, "keys", key_states, dim=2)
         append_along(self, "values", value_states, dim=2)
         append_along(self, "positions", self._qpos, dim=1)
@@ -171,17 +174,17 @@ class LazyCache(StepwiseCache):
         self.n_seen += q
 
     def stats(self) -> CacheStats:
-        """What the cache holds (LazyLLM evicts nothing; the Aux Cache and free buffer room count as metadata)."""
+        """What the cache holds (LazyLLM evicts nothing; the Aux Cache, slot metadata and free buffer room are
+        metadata: every tensor the cache reaches is counted once)."""
         layers = [layer for layer in self.layers if layer.is_initialized]
-        aux = 0 if self.hidden is None else sum(t.nbytes for t in (self.hidden, self.depth, self.token_valid, self.rope_pos))
+        kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
         return CacheStats(
             tokens_seen=self.n_seen,
             kept=[layer.valid.sum(-1, keepdim=True).expand(-1, layer.keys.shape[1]).cpu() for layer in layers],
             slots=[layer.keys.shape[-2] for layer in layers],
             evictions=[0 for _ in layers],
-            kv_bytes=sum(layer.keys.nbytes + layer.values.nbytes for layer in layers),
-            metadata_bytes=aux + free_room_bytes(self)
-            + sum(layer.positions.nbytes + layer.valid.nbytes + free_room_bytes(layer) for layer in layers),
+            kv_bytes=kv,
+            metadata_bytes=held_bytes(self) - kv,
         )
 
     def compute_stats(self) -> dict[str, Any]:

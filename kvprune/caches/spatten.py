@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from ..errors import BatchMismatchError
+from ..errors import BatchMismatchError, CacheUsageError
 from ..policies.random import hash_uniform
 from ..policies.spatten import SpAtten
 from .cache import CacheStats
-from .stepwise import StepwiseCache, StepwiseLayer, free_room_bytes
+from .accounting import held_bytes
+from .stepwise import StepwiseCache, StepwiseLayer
 from .quant import QTensor, cat, dequantize, quantize
 
 Stored = torch.Tensor | QTensor
@@ -102,6 +103,8 @@ class SpAttenLayer(StepwiseLayer):
         return quantize(states, *bits)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if self.cache.head_dim is None:
+            self.cache.head_dim = (key_states.shape[-1], value_states.shape[-1])
         self.dtype, self.device = key_states.dtype, key_states.device
         self.kv_heads = torch.nonzero(self.cache.kv_heads_alive(self.layer_idx)).flatten().to(self.device)
         self.positions = torch.empty((key_states.shape[0], 0), dtype=torch.long, device=self.device)
@@ -113,6 +116,13 @@ class SpAttenLayer(StepwiseLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if key_states.shape[-1] != self.cache.head_dim[0] or value_states.shape[-1] != self.cache.head_dim[1] \
+                or key_states.dtype != self.dtype:
+            raise CacheUsageError(
+                f"layer {self.layer_idx} holds {self.dtype} keys/values of head size {self.cache.head_dim[0]}/"
+                f"{self.cache.head_dim[1]} but got {key_states.dtype} of {key_states.shape[-1]}/{value_states.shape[-1]}: "
+                "this cache belongs to another model; use one cache per model and conversation"
+            )
         new_k = self._store(key_states.index_select(1, self.kv_heads), True)
         new_v = self._store(value_states.index_select(1, self.kv_heads), False)
         q = key_states.shape[-2]
@@ -187,6 +197,7 @@ class SpAttenCache(StepwiseCache):
 
     def reset_tokens(self) -> None:
         self.n_seen = 0
+        self.head_dim: tuple[int, int] | None = None  # (key, value) head sizes, set by the first update
         self.token_valid: torch.Tensor | None = None  # [B, T]
         self.depth: torch.Tensor | None = None  # [B, T] layers that hold the token's KV
         self.score: torch.Tensor | None = None  # [B, T] cumulative attention received (float32)
@@ -257,21 +268,23 @@ class SpAttenCache(StepwiseCache):
         return [self.head_depth > i for i in range(len(self.layers))]
 
     def stats(self) -> CacheStats:
+        """What the cache holds: K/V (packed parts when quantized) and, as metadata, every other tensor it reaches
+        (slot positions, token and head state, free buffer room), each counted once."""
         layers = [layer for layer in self.layers if layer.is_initialized]
-        meta = sum(t.nbytes for t in (self.token_valid, self.depth, self.score, self.head_depth, self.head_score) if t is not None)
         kept = []
         for layer in layers:
             per_row = layer.valid.sum(-1)
             heads = torch.zeros((per_row.shape[0], self.num_kv_heads), dtype=per_row.dtype, device=per_row.device)
             heads[:, layer.kv_heads] = per_row[:, None]
             kept.append(heads.cpu())
+        kv = sum(layer.kv_bytes for layer in layers)
         return CacheStats(
             tokens_seen=self.n_seen,
             kept=kept,
             slots=[layer.valid.shape[1] for layer in layers],
             evictions=[int(((self.depth <= layer.layer_idx) & self.token_valid).sum()) for layer in layers],
-            kv_bytes=sum(layer.kv_bytes for layer in layers),
-            metadata_bytes=meta + free_room_bytes(self) + sum(layer.positions.nbytes + layer.valid.nbytes for layer in layers),
+            kv_bytes=kv,
+            metadata_bytes=held_bytes(self) - kv,
         )
 
     def spatten_stats(self) -> dict[str, Any]:

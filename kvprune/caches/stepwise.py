@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..errors import UnsupportedGenerationModeError
-from .layer import GROWTH_DIV, GROWTH_MIN
+from ..errors import CacheUsageError, UnsupportedGenerationModeError
+from .layer import GROWTH_DIV, GROWTH_MIN, check_row_index
 
 
 def append_along(owner: Any, name: str, new: torch.Tensor, dim: int) -> None:
@@ -35,9 +35,17 @@ def append_along(owner: Any, name: str, new: torch.Tensor, dim: int) -> None:
 
 
 def free_room_bytes(owner: Any) -> int:
-    """Bytes reserved by :func:`append_along` beyond what ``owner``'s attributes hold (counted as metadata)."""
+    """Bytes reserved by :func:`append_along` beyond what ``owner``'s attributes hold."""
     grown = owner.__dict__.get("_grown", {})
     return sum(buf.nbytes - view.nbytes for name, (buf, view) in grown.items() if getattr(owner, name) is view)
+
+
+def release_stale(owner: Any) -> None:
+    """Forget the buffers of attributes that were replaced since their last append (a reorder, a compaction),
+    so they are freed now instead of living until the next append."""
+    grown = owner.__dict__.get("_grown", {})
+    for name in [n for n, (_, view) in grown.items() if getattr(owner, n) is not view]:
+        del grown[name]
 
 
 class StepwiseLayer(CacheLayerMixin):
@@ -63,6 +71,7 @@ class StepwiseLayer(CacheLayerMixin):
         self.positions = self.positions.gather(1, order)
         self.valid = self.valid.gather(1, order)
         self.take_slots(order)
+        release_stale(self)
 
     def take_slots(self, order: torch.Tensor) -> None:
         """Keep the K/V slots ``order [B, N']`` (per row), in that order."""
@@ -98,6 +107,16 @@ class StepwiseCache(Cache):
     ROW_STATE: ClassVar[tuple[str, ...]] = ()
     n_seen: int
     token_valid: torch.Tensor | None
+    #: True while kvprune's step forward runs; an update from any other forward is refused
+    driven: bool = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if not self.driven:
+            raise CacheUsageError(
+                f"this {type(self).__name__} was handed to a forward that kvprune does not drive: build it with "
+                "kvprune.make_cache(model, ...) on the model you run it with (nothing was stored)"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def append_state(self, new: dict[str, torch.Tensor]) -> None:
         """Append the new tokens' state along the token dimension (dim 1)."""
@@ -119,12 +138,16 @@ class StepwiseCache(Cache):
         return False
 
     def _select_rows(self, index: torch.Tensor) -> None:
+        if self.token_valid is not None:
+            index = check_row_index(index, self.token_valid.shape[0])
         for layer in self.layers:
             layer.select_rows(index)
+            release_stale(layer)
         if self.token_valid is not None:
             index = index.to(self.token_valid.device)
             for name in self.ROW_STATE:
                 setattr(self, name, getattr(self, name).index_select(0, index))
+            release_stale(self)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)

@@ -1,4 +1,6 @@
-"""The ``kvprune`` command: ``compare`` policies, run ``longqa`` with one policy, ``generate`` from a prompt."""
+"""The ``kvprune`` command: ``compare`` policies, run ``longqa`` with one policy, ``generate`` from a prompt.
+
+Every argument is checked before any model loads; a bad one prints one line and exits with status 2."""
 
 from __future__ import annotations
 
@@ -6,20 +8,64 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..policies import METHODS
 from .compare import DEFAULT_POLICIES
+from .qa import PROTOCOLS
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every bad argument ends in one line on stderr and exit status 2 (no usage dump, no traceback)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"kvprune: error: {message} (see {self.prog} --help)\n")
 
 
 def _budget(text: str) -> int | float | None:
-    if text.lower() in ("none", "full"):
+    """A budget as the API takes it (int tokens, float ratio, none), validated now, before any work."""
+    from ..caches import Budget
+    from ..errors import InvalidBudgetError
+
+    t = text.strip()
+    if t.lower() in ("none", "full"):
         return None
-    return float(text) if any(c in text for c in ".eE") else int(text)
+    try:
+        value: int | float = float(t) if any(c in t for c in ".eE") else int(t)
+        Budget.parse(value)
+    except (ValueError, InvalidBudgetError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a budget: an int token count >= 1, a float ratio in (0, 1), or none"
+        ) from None
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
+def _method(text: str) -> str:
+    name = text.strip().lower()
+    if name not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; valid (any case): {', '.join(METHODS)}")
+    return name
 
 
 def _csv(kind):
-    return lambda text: [kind(t) for t in text.split(",") if t.strip()]
+    def parse(text: str) -> list:
+        items = [kind(t) for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{text!r} names nothing; give a comma-separated list")
+        return items
+
+    parse.__name__ = getattr(kind, "__name__", "list").lstrip("_")
+    return parse
 
 
 def _params(text: str | None) -> dict[str, Any]:
@@ -34,20 +80,20 @@ def _params(text: str | None) -> dict[str, Any]:
             items.append(text[start:i])
             start = i + 1
     if depth != 0:
-        raise SystemExit(f"kvprune: error: --params has unbalanced brackets: {text!r}")
+        raise CLIError(f"--params has unbalanced brackets: {text!r}")
     out: dict[str, Any] = {}
     for item in (x.strip() for x in items):
         if not item:
             continue
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise SystemExit(f"kvprune: error: --params takes key=value pairs separated by commas; got {item!r}")
+            raise CLIError(f"--params takes key=value pairs separated by commas; got {item!r}")
         value = value.strip()
         if value[:1].isdigit() or value[:1] in "-[" or value in ("true", "false", "null"):
             try:
                 parsed = json.loads(value)
             except json.JSONDecodeError as err:
-                raise SystemExit(f"kvprune: error: --params {key.strip()}={value!r} is not a number or list: {err}") from None
+                raise CLIError(f"--params {key.strip()}={value!r} is not a number or list: {err}") from None
             value = tuple(parsed) if isinstance(parsed, list) else parsed
         out[key.strip()] = value
     return out
@@ -65,56 +111,108 @@ def _policy_budget(policy: str, budget: int | float | None, default: int | float
     return budget
 
 
+MODELS = ("demo", "stories260k", "smollm2")
+
+
+def check_model_spec(spec: str) -> None:
+    """Refuse a ``--model`` that is neither a known name nor a local model folder, before anything loads."""
+    if spec in MODELS:
+        return
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").is_file():
+        return
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise CLIError(f"--model {spec!r} is not a model: use {', '.join(MODELS)}, or a local folder holding "
+                       "config.json and weights (a hub id like org/name needs a network)")
+
+
+class CLIError(Exception):
+    """A bad command-line input found before any work: printed as one line, exit status 2."""
+
+
 def load_model(spec: str, attn: str = "sdpa"):
-    """``demo`` (the embedded QA model), ``stories260k`` (the shared fixture) or a local/hub path."""
+    """``demo`` (the embedded QA model), ``stories260k`` (the shared fixture), ``smollm2`` (SmolLM2-135M-Instruct
+    from its wheel) or a local/hub path."""
     import torch
 
     if spec == "demo":
-        from ..demo import load_demo_model
+        from ..models import load_demo_model
 
         return load_demo_model(attn_implementation=attn)
     if spec == "stories260k":
-        from ..integrations.llama2c import default_stories260k_path, load_llama2c
+        from ..models.llama2c import default_stories260k_path, load_llama2c
 
-        return load_llama2c(default_stories260k_path(), attn_implementation=attn), None
+        path = default_stories260k_path()
+        if not path.is_file():
+            raise CLIError(f"the stories260K fixture is not at {path} (set KVPRUNE_STORIES260K to its path)")
+        return load_llama2c(path, attn_implementation=attn), None
+    if spec == "smollm2":
+        from ..models import load_smollm2
+
+        return load_smollm2(attn_implementation=attn)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(spec, attn_implementation=attn, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, attn_implementation=attn, dtype=torch.float32).eval()
+        return model, AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"could not load --model {spec!r}: {str(err).splitlines()[0]}") from None
 
 
-def _examples(args) -> list[dict[str, Any]] | str:
-    if args.file:
-        from .loaders import load_ruler_jsonl
+def _task_for(args, tokenizer) -> str:
+    """``--task auto``: the real-text suite for chat models, the synthetic suite for the demo, fidelity without a tokenizer."""
+    if args.task != "auto":
+        return args.task
+    if tokenizer is None:
+        return "fidelity"
+    return "realtext" if getattr(tokenizer, "chat_template", None) else "longqa"
 
-        return load_ruler_jsonl(args.file)
-    return args.task
+
+def _examples(args) -> list[dict[str, Any]] | None:
+    """The ``--file`` examples, read and checked before the model loads (None: the generated suite)."""
+    if not args.file:
+        return None
+    from .loaders import load_ruler_jsonl
+
+    try:
+        examples = load_ruler_jsonl(args.file)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CLIError(f"--file {args.file}: {err}") from None
+    if not examples:
+        raise CLIError(f"--file {args.file} holds no examples")
+    return examples
 
 
 def cmd_compare(args) -> int:
     from .compare import compare, plot_quality_vs_budget
 
+    examples = _examples(args)
     model, tokenizer = load_model(args.model, args.attn)
-    task = "fidelity" if tokenizer is None and not args.file else _examples(args)
+    task = examples if examples is not None else _task_for(args, tokenizer)
+    if task in ("longqa", "realtext") and tokenizer is None:
+        raise CLIError(f"--task {task} needs a model with a tokenizer (demo, smollm2 or a model folder)")
+    protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
     df = compare(
         model, tokenizer, task=task, policies=args.policies, budgets=args.budgets,
         n_examples=args.n_examples, lengths=args.lengths, seed=args.seed, batch_size=args.batch_size,
         n_sequences=args.sequences, sequence_length=args.sequence_length, progress=not args.quiet,
+        protocol=protocols,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "compare.csv", index=False)
     df.to_json(out / "compare.json", orient="records", indent=1)
-    metric = "exact_match" if "exact_match" in set(df["metric"]) else "nll_increase"
-    rows = df[df["metric"] == metric]
-    table = rows[rows["policy"] != "full"].pivot_table(index="policy", columns="budget", values="value")
-    print(f"\n{metric} by policy and KV budget ({args.model}):")
-    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
-    full = rows[rows["policy"] == "full"]
-    if len(full):
-        print(f"full cache: {float(full['value'].mean()):.3f}")
-    for policy, group in rows[(rows["policy"] != "full") & rows["budget"].isna()].groupby("policy"):
-        print(f"{policy} (no KV budget): {float(group['value'].mean()):.3f}")
+    metric = "accuracy" if "accuracy" in set(df["metric"]) else "nll_increase"
+    for protocol, rows in df[df["metric"] == metric].groupby("protocol", dropna=False, sort=False):
+        head = "" if protocol != protocol else f", {protocol}"  # NaN protocol (fidelity): no label
+        table = rows[rows["policy"] != "full"].pivot_table(index="policy", columns="budget", values="value")
+        print(f"\n{metric} by policy and KV budget ({args.model}{head}):")
+        print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+        full = rows[rows["policy"] == "full"]
+        if len(full):
+            print(f"full cache: {float(full['value'].mean()):.3f}")
+        for policy, group in rows[(rows["policy"] != "full") & rows["budget"].isna()].groupby("policy"):
+            print(f"{policy} (no KV budget): {float(group['value'].mean()):.3f}")
     fig = plot_quality_vs_budget(df, metric=metric)
     fig.savefig(out / "compare.png", dpi=120)
     print(f"\nwrote {out / 'compare.csv'}, {out / 'compare.json'}, {out / 'compare.png'}")
@@ -124,21 +222,33 @@ def cmd_compare(args) -> int:
 def cmd_longqa(args) -> int:
     from .qa import run_qa
 
+    examples = _examples(args)
     model, tokenizer = load_model(args.model, args.attn)
     if tokenizer is None:
-        raise SystemExit("longqa needs a model with a tokenizer (use --model demo or a model path)")
-    examples = _examples(args)
-    if isinstance(examples, str):
-        from .tasks import build_suite
+        raise CLIError("longqa needs a model with a tokenizer (demo, smollm2 or a model folder)")
+    prompt = None
+    if examples is None:
+        if _task_for(args, tokenizer) == "realtext":
+            from .realtext import build_real_suite
 
-        examples = build_suite(seed=args.seed, n_per_task=args.n_examples, lengths=args.lengths, tokenizer=tokenizer)
+            examples = build_real_suite(tokenizer, seed=args.seed, n_per_task=args.n_examples, lengths=args.lengths)
+        else:
+            from .tasks import build_suite
+
+            examples = build_suite(seed=args.seed, n_per_task=args.n_examples, lengths=args.lengths, tokenizer=tokenizer)
+    if getattr(tokenizer, "chat_template", None):
+        from .realtext import chat_prompt
+
+        prompt = chat_prompt(tokenizer)
     args.budget = _policy_budget(args.policy, args.budget, 0.25)
-    answers = run_qa(model, tokenizer, examples, args.policy, args.budget, batch_size=args.batch_size, **_params(args.params))
+    extra = {"prompt": prompt, "stop_strings": ()} if prompt is not None else {}
+    answers = run_qa(model, tokenizer, examples, args.policy, args.budget, batch_size=args.batch_size,
+                     protocol=args.protocol, **extra, **_params(args.params))
     for a in answers:
         mark = "ok " if a.correct else "BAD"
         print(f"{mark} {a.id:>16} {a.task:<18} tokens={a.prompt_tokens:<5} pred={a.prediction!r} gold={a.answer!r}")
-    em = sum(a.correct for a in answers) / max(1, len(answers))
-    print(f"exact match {em:.3f} over {len(answers)} examples ({args.policy}, budget {args.budget})")
+    acc = sum(a.correct for a in answers) / max(1, len(answers))
+    print(f"accuracy {acc:.3f} over {len(answers)} examples ({args.policy}, budget {args.budget}, {args.protocol})")
     return 0
 
 
@@ -150,8 +260,11 @@ def cmd_generate(args) -> int:
 
     model, tokenizer = load_model(args.model, args.attn)
     if tokenizer is None:
-        raise SystemExit("generate needs a model with a tokenizer")
-    inputs = tokenizer(args.prompt, return_tensors="pt")
+        raise CLIError("generate needs a model with a tokenizer (demo, smollm2 or a model folder)")
+    text = args.prompt
+    if getattr(tokenizer, "chat_template", None) and not args.raw:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(text, return_tensors="pt")
     args.budget = _policy_budget(args.policy, args.budget, 256)
     cache = make_cache(model, args.policy, args.budget, **_params(args.params))
     with torch.no_grad():
@@ -163,64 +276,118 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvprune", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="kvprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p, model_default="demo"):
-        p.add_argument("--model", default=model_default, help="demo | stories260k | a local or hub model path")
+        p.add_argument("--model", default=model_default, help="demo | stories260k | smollm2 | a local model folder")
         p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
         p.add_argument("--seed", type=int, default=0)
 
+    tasks = ["auto", "longqa", "realtext", "fidelity"]
+    task_help = ("auto (realtext for chat models such as smollm2, longqa for the demo, fidelity without a tokenizer), "
+                 "longqa (the synthetic suite), realtext (the real-prose suite), fidelity")
     p = sub.add_parser("compare", help="every policy at every budget; table, CSV/JSON and a PNG plot")
     common(p)
-    p.add_argument("--task", default="longqa", help="longqa (generated suite) or fidelity")
+    p.add_argument("--task", default="auto", choices=tasks, help=task_help)
     p.add_argument("--file", help="a RULER-style JSONL file of QA examples instead of the suite")
-    p.add_argument("--policies", type=_csv(str), default=list(DEFAULT_POLICIES))
+    p.add_argument("--policies", type=_csv(_method), default=list(DEFAULT_POLICIES))
     p.add_argument("--budgets", type=_csv(_budget), default=[0.1, 0.25, 0.5])
-    p.add_argument("--n-examples", type=int, default=6, help="examples per task kind and length")
-    p.add_argument("--lengths", type=_csv(int), default=[512, 1024])
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--sequences", type=int, default=8, help="fidelity: sequences sampled from the model")
-    p.add_argument("--sequence-length", type=int, default=256, help="fidelity: tokens per sequence")
+    p.add_argument("--protocol", default="query_agnostic", choices=[*PROTOCOLS, "both"],
+                   help="query_agnostic: context compressed before the question is read; query_aware: question in the "
+                        "compressed prompt; both")
+    p.add_argument("--n-examples", type=_positive_int, default=6, help="examples per task kind and length")
+    p.add_argument("--lengths", type=_csv(_positive_int), default=None,
+                   help="prompt lengths in tokens (default 512,1024; 1024 for realtext)")
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--sequences", type=_positive_int, default=8, help="fidelity: sequences sampled from the model")
+    p.add_argument("--sequence-length", type=_positive_int, default=256, help="fidelity: tokens per sequence")
     p.add_argument("--out", default="kvprune-compare")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("longqa", help="one policy and budget over a QA file or the suite, per-example output")
     common(p)
-    p.add_argument("--task", default="longqa", help=argparse.SUPPRESS)
+    p.add_argument("--task", default="auto", choices=["auto", "longqa", "realtext"], help=argparse.SUPPRESS)
     p.add_argument("--file", help="RULER-style JSONL of QA examples")
-    p.add_argument("--policy", default="a2sf", choices=METHODS)
+    p.add_argument("--policy", default="a2sf", type=_method, help=f"one of {', '.join(METHODS)}")
     p.add_argument("--budget", type=_budget, default=_OMITTED, help="tokens (int), fraction (float) or none; default 0.25 "
                    "(none for full and lazyllm)")
+    p.add_argument("--protocol", default="query_agnostic", choices=list(PROTOCOLS))
     p.add_argument("--params", help="policy parameters, e.g. alpha=0.1,n_sink=4 or prune_layers=[1,3],prune_ratios=[0.6,0.8]")
-    p.add_argument("--n-examples", type=int, default=4)
-    p.add_argument("--lengths", type=_csv(int), default=[512])
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--n-examples", type=_positive_int, default=4)
+    p.add_argument("--lengths", type=_csv(_positive_int), default=None, help="default 512 (1024 for realtext)")
+    p.add_argument("--batch-size", type=_positive_int, default=4)
     p.set_defaults(func=cmd_longqa)
 
     p = sub.add_parser("generate", help="one prompt with any local or hub model path")
     common(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--policy", default="a2sf", choices=METHODS)
+    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    p.add_argument("--policy", default="a2sf", type=_method, help=f"one of {', '.join(METHODS)}")
     p.add_argument("--budget", type=_budget, default=_OMITTED, help="tokens (int), fraction (float) or none; default 256 "
                    "(none for full and lazyllm)")
     p.add_argument("--params", help="policy parameters, e.g. alpha=0.1 or prune_layers=[1,3],prune_ratios=[0.6,0.8]")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.set_defaults(func=cmd_generate)
     return parser
 
 
+def _validate(args) -> None:
+    """Checks that need several arguments together, before any model loads."""
+    check_model_spec(args.model)
+    if getattr(args, "lengths", None) is None and hasattr(args, "lengths"):
+        args.lengths = [1024] if (args.model == "smollm2" or args.task == "realtext") else (
+            [512, 1024] if args.command == "compare" else [512])
+    params = _params(getattr(args, "params", None))  # a CLIError on bad syntax
+    budget = getattr(args, "budget", _OMITTED)
+    policy = getattr(args, "policy", None)
+    if policy is not None and budget is not _OMITTED:
+        from .compare import UNBUDGETED
+
+        if policy in UNBUDGETED and budget is not None:
+            raise CLIError(f"--policy {policy} takes no budget (it keeps every token in memory); drop --budget or "
+                           "pass --budget none")
+    if policy is not None and params:
+        _check_params(policy, params)
+
+
+def _check_params(policy: str, params: dict[str, Any]) -> None:
+    """Build the policy from its parameters once, so a bad parameter is refused before the model loads."""
+    if policy == "lazyllm":
+        from ..policies.lazyllm import LazyLLM
+
+        LazyLLM(**params)
+    elif policy == "spatten":
+        from ..policies.spatten import SpAtten
+
+        SpAtten(**params)
+    else:
+        from ..policies import build_policy
+
+        build_policy(policy, **params)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; a kvprune error (bad budget, parameter, architecture) prints one line and exits 2."""
+    """Run a command; any bad input (argument, file, model, budget, parameter) prints one line and exits 2."""
     from ..errors import KVPruneError
 
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a bad argument, already reported in one line (2)
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    try:
+        _validate(args)
         return int(args.func(args))
-    except KVPruneError as err:
-        print(f"kvprune: error: {type(err).__name__}: {err}", file=sys.stderr)
+    except (KVPruneError, CLIError) as err:
+        kind = "" if isinstance(err, CLIError) else f"{type(err).__name__}: "
+        print(f"kvprune: error: {kind}{err}", file=sys.stderr)
         return 2
+    except TypeError as err:  # a --params key the method's constructor does not take
+        if "unexpected keyword argument" in str(err) or "got an unexpected" in str(err):
+            print(f"kvprune: error: --params: {err}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,7 @@ DEFAULT_POLICIES: tuple[str, ...] = (
 DEFAULT_BUDGETS: tuple[float, ...] = (0.1, 0.25, 0.5)
 #: policies that take no KV budget: run once, reported with budget NaN
 UNBUDGETED = ("full", "lazyllm")
-COLUMNS = ["task", "policy", "budget", "metric", "value", "kv_bytes", "prefill_s", "decode_s", "n"]
+COLUMNS = ["task", "protocol", "policy", "budget", "metric", "value", "kv_bytes", "prefill_s", "decode_s", "n"]
 #: small protected windows so that low budgets on short documents stay valid
 #: SpAtten prunes from layer 1 on, so that small models (4-6 layers) can reach low KV fractions
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
@@ -32,13 +32,16 @@ def _policy_params(name: str, params: dict[str, dict[str, Any]] | None) -> dict[
     return dict(merged.get(name, {}))
 
 
-def _qa_rows(model, tokenizer, examples, policy, budget, params, max_new_tokens, batch_size, tick) -> list[dict]:
+def _qa_rows(model, tokenizer, examples, policy, budget, params, max_new_tokens, batch_size, tick, protocol, prompt) -> list[dict]:
     from .qa import run_qa
 
+    extra = {"prompt": prompt, "stop_strings": ()} if prompt is not None else {}
     answers = run_qa(
         model, tokenizer, examples, policy, budget,
-        max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=tick, **params,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=tick, protocol=protocol, **extra, **params,
     )
+    # exact match where every example is scored by it, else RULER's containment rules: "accuracy"
+    metric = "exact_match" if all(ex.get("match", "exact") == "exact" for ex in examples) else "accuracy"
     rows = []
     by_task: dict[str, list] = {}
     for a in answers:
@@ -47,7 +50,8 @@ def _qa_rows(model, tokenizer, examples, policy, budget, params, max_new_tokens,
         rows.append(
             dict(
                 task=task if task != "all" else "longqa",
-                metric="exact_match",
+                protocol=protocol,
+                metric=metric,
                 value=sum(a.correct for a in group) / len(group),
                 kv_bytes=sum(a.kv_bytes for a in group) / len(group),
                 prefill_s=sum(a.prefill_s for a in group) / len(group),
@@ -86,24 +90,46 @@ def compare(
     batch_size: int = 4,
     n_sequences: int = 8,
     sequence_length: int = 256,
+    protocol: str | Sequence[str] = "query_agnostic",
+    prompt: Callable[[dict[str, Any]], str] | None = None,
     progress: bool | Callable[[int], None] = False,
 ) -> pd.DataFrame:
-    """Run every policy at every budget on ``task``; one row per (task, policy, budget, metric).
+    """Run every policy at every budget on ``task``; one row per (task, protocol, policy, budget, metric).
 
-    ``task`` is ``"longqa"`` (the generated long-document QA suite, needs ``tokenizer``), a list of
-    QA examples (``context``/``question``/``answer`` dicts), or ``"fidelity"`` (NLL increase,
-    greedy agreement and KL against the full cache on sequences sampled from ``model``).
+    ``task`` is ``"longqa"`` (the generated synthetic long-document QA suite, needs ``tokenizer``),
+    ``"realtext"`` (the real-prose RULER-style suite of :mod:`kvprune.eval.realtext`, rendered through the
+    tokenizer's chat template), a list of QA examples (``context``/``question``/``answer`` dicts), or
+    ``"fidelity"`` (NLL increase, greedy agreement and KL against the full cache on sequences sampled
+    from ``model``). ``protocol`` is ``"query_agnostic"`` (context compressed before the question is
+    read), ``"query_aware"`` (question inside the compressed prompt) or both as a list; ``prompt``
+    renders an example (default: the suite's own format; the chat template for ``"realtext"``).
     Budgets are token counts (int) or ratios of the tokens seen (float); for ``"spatten"`` a
     float is the fraction of KV memory kept (averaged over layers), and a budget out of its reach
-    is skipped with a warning. The full cache and LazyLLM (no KV budget) appear once with budget NaN. Columns: ``task, policy, budget, metric, value, kv_bytes, prefill_s,
-    decode_s, n``.
+    is skipped with a warning. The full cache and LazyLLM (no KV budget) appear once per protocol with
+    budget NaN. Every argument is validated before any model runs. Columns: ``task, protocol, policy,
+    budget, metric, value, kv_bytes, prefill_s, decode_s, n``.
     """
+    from ..caches import Budget
+    from ..errors import InvalidParameterError, UnknownPolicyError
+    from .qa import check_protocol
+
+    policies = [p.lower() if isinstance(p, str) else p for p in policies]
     unknown = [p for p in policies if p not in METHODS]
     if unknown:
-        from ..errors import UnknownPolicyError
-
-        valid = ", ".join(METHODS)
-        raise UnknownPolicyError(f"unknown policies {unknown}; valid names: {valid}")
+        raise UnknownPolicyError(f"unknown policies {unknown}; valid names: {', '.join(METHODS)}")
+    protocols = [protocol] if isinstance(protocol, str) else list(protocol)
+    if not protocols:
+        raise InvalidParameterError("protocol names none; give 'query_agnostic', 'query_aware' or both")
+    for p in protocols:
+        check_protocol(p)
+    for b in budgets:
+        Budget.parse(b)  # raises InvalidBudgetError now, not after the full-cache baseline ran
+    if isinstance(task, str) and task not in ("longqa", "realtext", "fidelity"):
+        raise InvalidParameterError(f"task must be 'longqa', 'realtext', 'fidelity' or a list of examples; got {task!r}")
+    if not isinstance(task, str) and not list(task):
+        raise InvalidParameterError("task is an empty list of examples")
+    if task in ("longqa", "realtext") and tokenizer is None:
+        raise InvalidParameterError(f"task {task!r} needs the model's tokenizer")
     runs: list[tuple[str, int | float | None]] = [("full", None)] if include_full else []
     runs += [(p, None) for p in policies if p in UNBUDGETED and p != "full"]
     runs += [(p, b) for p in policies if p not in UNBUDGETED for b in budgets]
@@ -114,25 +140,29 @@ def compare(
         sequences = sample_sequences(model, n_sequences, sequence_length, seed=seed)
         prompt_len = sequence_length // 2
         reference = full_reference(model, sequences, prompt_len=prompt_len)
-        work = lambda p, b, tick: _fidelity_rows(  # noqa: E731
+        work = lambda p, b, proto, tick: _fidelity_rows(  # noqa: E731
             model, sequences, reference, prompt_len, p, _absolute(b, sequence_length, p), _policy_params(p, policy_params)
         )
         units = 1
+        protocols = [protocols[0]]  # no question: one protocol
     else:
-        if isinstance(task, str):
-            if task != "longqa":
-                from ..errors import InvalidParameterError
-
-                raise InvalidParameterError(f"task must be 'longqa', 'fidelity' or a list of examples; got {task!r}")
+        if task == "longqa":
             from .tasks import build_suite
 
             examples = build_suite(seed=seed, n_per_task=n_examples, lengths=list(lengths), tokenizer=tokenizer)
+        elif task == "realtext":
+            from .realtext import build_real_suite, chat_prompt
+
+            examples = build_real_suite(tokenizer, seed=seed, n_per_task=n_examples, lengths=list(lengths))
+            prompt = prompt or chat_prompt(tokenizer)
         else:
             examples = list(task)
-        work = lambda p, b, tick: _qa_rows(  # noqa: E731
-            model, tokenizer, examples, p, b, _policy_params(p, policy_params), max_new_tokens, batch_size, tick
+        work = lambda p, b, proto, tick: _qa_rows(  # noqa: E731
+            model, tokenizer, examples, p, b, _policy_params(p, policy_params), max_new_tokens, batch_size, tick,
+            proto, prompt,
         )
         units = len(examples)
+    runs = [(proto, p, b) for proto in protocols for p, b in runs]
 
     bar = None
     if progress is True:
@@ -141,9 +171,9 @@ def compare(
         bar = tqdm(total=len(runs) * units, desc="kvprune compare", unit="ex")
     tick = bar.update if bar is not None else (progress if callable(progress) else None)
     rows = []
-    for policy, budget in runs:
+    for proto, policy, budget in runs:
         try:
-            produced = work(policy, budget, tick or (lambda n: None))
+            produced = work(policy, budget, proto, tick or (lambda n: None))
         except InvalidBudgetError as e:
             if policy != "spatten":
                 raise
@@ -153,6 +183,7 @@ def compare(
             if task != "fidelity":
                 (tick or (lambda n: None))(units)
         for row in produced:
+            row.setdefault("protocol", math.nan)
             rows.append({"policy": policy, "budget": math.nan if budget is None else budget, **row})
         if bar is not None and task == "fidelity":
             bar.update(1)

@@ -1,9 +1,10 @@
-"""Long-document QA under a KV budget: greedy answers, exact match, prefill and decode time.
+"""Long-document QA under a KV budget: greedy answers, accuracy, prefill and decode time, in two protocols.
 
-As in RULER/LongBench evaluations of KV compression (and kvpress), the context is prefilled first and
+``protocol="query_agnostic"`` (the default; kvpress's and KVzip's setting): the context is prefilled and
 compressed to the budget, then the question is read against the compressed cache, then the answer is
-decoded: a one-pass prefill of context and question would answer from the full attention of the
-prefill (eviction applies after a forward) and could not tell policies apart.
+decoded. It measures whether a cache can serve questions nobody has asked yet.
+``protocol="query_aware"`` (the SnapKV, LazyLLM and A2SF papers' setting): context and question are one
+prefill, compressed together, then the answer is decoded.
 """
 
 from __future__ import annotations
@@ -19,8 +20,19 @@ from ..caches import Budget
 from ..integrations import make_cache
 from ..integrations.compat import with_cache
 from ..policies import Policy
-from .tasks import exact_match
+from ..errors import InvalidParameterError
 from .tasks import format_prompt as default_prompt
+from .tasks import score_answer
+
+#: the two evaluation protocols (see the module docstring)
+PROTOCOLS: tuple[str, ...] = ("query_agnostic", "query_aware")
+
+
+def check_protocol(protocol: str) -> str:
+    """``protocol`` if valid, else :class:`InvalidParameterError` naming the valid ones."""
+    if protocol not in PROTOCOLS:
+        raise InvalidParameterError(f"protocol must be one of {PROTOCOLS}; got {protocol!r}")
+    return protocol
 
 
 @dataclass
@@ -77,10 +89,12 @@ def greedy_decode(
 
 
 def _split(tokenizer: Any, example: dict[str, Any], text: str) -> tuple[list[int], list[int]]:
-    """Token ids of the context part (with special tokens) and of the rest of the prompt (the question)."""
+    """Token ids of the prompt up to the end of the context (with special tokens) and of the rest (the
+    question, and for chat prompts the template's tail and answer prefix)."""
     context = example.get("context")
-    if isinstance(context, str) and context and text.startswith(context) and len(text) > len(context):
-        return tokenizer.encode(context), tokenizer.encode(text[len(context):], add_special_tokens=False)
+    end = text.find(context) + len(context) if isinstance(context, str) and context and context in text else -1
+    if 0 < end < len(text):
+        return tokenizer.encode(text[:end]), tokenizer.encode(text[end:], add_special_tokens=False)
     return tokenizer.encode(text), []
 
 
@@ -96,16 +110,18 @@ def run_qa(
     prompt: Callable[[dict[str, Any]], str] = default_prompt,
     stop_strings: Sequence[str] = ("\n",),
     on_batch: Callable[[int], None] | None = None,
-    separate_question: bool = True,
+    protocol: str = "query_agnostic",
     **policy_params: Any,
 ) -> list[Answer]:
     """Answer every example greedily under ``policy``/``budget`` (one fresh cache per batch).
 
-    The context is one forward and the question a second one (``separate_question``), so an evicting
-    cache is compressed before it reads the question, as in RULER/LongBench compression evaluations;
-    ``separate_question=False`` reads the whole prompt in one forward (LazyLLM's setting, whose
-    time-to-first-token is that of the whole prompt).
+    ``protocol="query_agnostic"``: the context is one forward and the question a second one, so an
+    evicting cache is compressed before it reads the question (RULER/LongBench compression evaluations,
+    kvpress); ``"query_aware"`` reads the whole prompt in one forward (the SnapKV, A2SF and LazyLLM
+    papers; LazyLLM's time to first token is that of the whole prompt). An example's own
+    ``max_new_tokens`` and ``match`` rule (see :func:`kvprune.eval.tasks.score_answer`) take precedence.
     """
+    check_protocol(protocol)
     device = next(model.parameters()).device
     stop_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     for s in stop_strings:
@@ -128,12 +144,13 @@ def run_qa(
             if q:
                 ids[row, wc + wq - len(q) :] = torch.tensor(q)
                 mask[row, wc + wq - len(q) :] = 1
+        limits = [int(examples[i].get("max_new_tokens") or max_new_tokens) for i in idx]
         cache = make_cache(model, policy, budget, **policy_params)
-        tokens, prefill_s, decode_s = greedy_decode(model, ids.to(device), mask.to(device), cache, max_new_tokens,
-                                                    stop_ids, context_len=wc if wq and separate_question else None)
+        tokens, prefill_s, decode_s = greedy_decode(model, ids.to(device), mask.to(device), cache, max(limits), stop_ids,
+                                                    context_len=wc if wq and protocol == "query_agnostic" else None)
         kv = cache.stats().kv_bytes // len(idx)
         for row, i in enumerate(idx):
-            row_tokens = tokens[row].tolist()
+            row_tokens = tokens[row].tolist()[: limits[row]]
             # a row that stopped keeps being fed while others decode: drop what follows its stop token
             end = next((k for k, t in enumerate(row_tokens) if t in stop_ids), len(row_tokens))
             text = tokenizer.decode(row_tokens[:end], skip_special_tokens=True)
@@ -145,7 +162,7 @@ def run_qa(
                 task=str(ex.get("task", "qa")),
                 prediction=text.strip(),
                 answer=str(ex["answer"]),
-                correct=bool(exact_match(text, ex["answer"])),
+                correct=bool(score_answer(text, ex)),
                 prompt_tokens=len(parts[i][0]) + len(parts[i][1]),
                 kv_bytes=kv,
                 prefill_s=prefill_s / len(idx),

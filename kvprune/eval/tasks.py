@@ -51,6 +51,7 @@ __all__ = [
     "generate_doc",
     "generate_example",
     "normalize_answer",
+    "score_answer",
     "question_text",
 ]
 
@@ -379,3 +380,21 @@ def exact_match(prediction: str, answer: str | Sequence[str]) -> float:
     answers = [answer] if isinstance(answer, str) else list(answer)
     p = normalize_answer(prediction)
     return float(any(p == normalize_answer(a) for a in answers))
+
+
+def score_answer(prediction: str, example: dict[str, Any]) -> float:
+    """1.0 or 0.0 by the example's ``match`` rule: ``"exact"`` (default; :func:`exact_match` against
+    ``answers`` or ``answer``), ``"contains"`` (any expected string inside the prediction, RULER's
+    ``string_match_part`` made binary) or ``"all"`` (every expected string inside, RULER's ``string_match_all``)."""
+    answers = example.get("answers") or [example["answer"]]
+    answers = [answers] if isinstance(answers, str) else list(answers)
+    rule = example.get("match", "exact")
+    if rule == "exact":
+        return exact_match(prediction, answers)
+    text = " ".join(str(prediction).lower().split())
+    hits = [normalize_answer(a) in text for a in answers]
+    if rule == "contains":
+        return float(any(hits))
+    if rule == "all":
+        return float(all(hits))
+    raise InvalidParameterError(f"unknown match rule {rule!r}; expected 'exact', 'contains' or 'all'")

@@ -27,10 +27,13 @@ def prepare_stepwise(model: torch.nn.Module) -> torch.nn.Module:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs: Any):
         cache = pop_cache(kwargs)  # ``cache`` from transformers 5.24 on, ``past_key_values`` before
-        if isinstance(cache, LazyCache):
-            return lazy_forward(self, cache, input_ids, attention_mask, position_ids, inputs_embeds)
-        if isinstance(cache, SpAttenCache):
-            return spatten_forward(self, cache, input_ids, attention_mask, position_ids, inputs_embeds)
+        if isinstance(cache, (LazyCache, SpAttenCache)):
+            step = lazy_forward if isinstance(cache, LazyCache) else spatten_forward
+            cache.driven = True  # the cache refuses updates from any other forward
+            try:
+                return step(self, cache, input_ids, attention_mask, position_ids, inputs_embeds)
+            finally:
+                cache.driven = False
         return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         inputs_embeds=inputs_embeds, **with_cache(cache), **kwargs)
 

@@ -16,6 +16,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..caches.lazy import LazyCache
+from ..errors import InvalidParameterError
 from ..policies.lazyllm import LazyLLM
 from .compat import base_output, with_cache
 from .models import check_architecture, prepare_model
@@ -135,6 +136,9 @@ def prepare_lazy(model: torch.nn.Module) -> torch.nn.Module:
 def make_lazy_cache(model: torch.nn.Module, policy: LazyLLM | None = None, **params: Any) -> LazyCache:
     """Prepare ``model`` for LazyLLM and return a fresh :class:`LazyCache` (one per conversation)."""
     check_architecture(model.config)
+    if policy is not None and params:
+        raise InvalidParameterError("pass parameters either to the LazyLLM object or by name, not both")
     policy = policy or LazyLLM(**params)
+    cache = LazyCache(policy, model.config.num_hidden_layers)  # validates the schedule before the model changes
     prepare_lazy(model)
-    return LazyCache(policy, model.config.num_hidden_layers)
+    return cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import Any
 
 import torch
@@ -10,8 +11,8 @@ import torch
 from ..caches import ATTN_PREFIX, Budget, PruningCache
 from ..caches.lazy import LazyCache
 from ..caches.spatten import SpAttenCache
-from ..errors import InvalidParameterError, UnsupportedArchitectureError
-from ..policies import Policy
+from ..errors import InvalidParameterError, UnknownPolicyError, UnsupportedArchitectureError
+from ..policies import METHODS, Policy
 from .attention import BACKENDS, register
 
 #: model families whose attention calls ``past_key_values.update`` and transformers' attention interface
@@ -67,6 +68,15 @@ def prepare_model(model: torch.nn.Module, backend: str | None = None) -> torch.n
     base = backend or (current[len(ATTN_PREFIX) :] if current.startswith(ATTN_PREFIX) else current)
     if base not in BACKENDS:
         raise InvalidParameterError(f"attention backend {base!r} is not supported; valid: {', '.join(BACKENDS)}")
+    if base == "flash_attention_2" and not current.endswith("flash_attention_2"):
+        missing = [what for what, ok in (("the flash-attn package (pip install flash-attn)",
+                                          importlib.util.find_spec("flash_attn") is not None),
+                                         ("a CUDA GPU", torch.cuda.is_available())) if not ok]
+        if missing:
+            raise InvalidParameterError(
+                f"backend 'flash_attention_2' needs {' and '.join(missing)}, which this machine lacks; "
+                "use backend='sdpa' (the same scores, through PyTorch's fused kernel) or 'eager'"
+            )
     if current != ATTN_PREFIX + base:
         model.set_attn_implementation(ATTN_PREFIX + base)
     return model
@@ -95,6 +105,13 @@ def make_cache(
     check_architecture(model.config)
     from ..policies.lazyllm import LazyLLM
     from ..policies.spatten import SpAtten
+
+    if isinstance(policy, str):
+        if policy.lower() not in METHODS:
+            raise UnknownPolicyError(f"unknown method {policy!r}; valid names (any case): {', '.join(METHODS)}")
+        policy = policy.lower()
+    if backend is not None and backend not in BACKENDS:
+        raise InvalidParameterError(f"attention backend {backend!r} is not supported; valid: {', '.join(BACKENDS)}")
 
     if prefill_only and (isinstance(policy, (LazyLLM, SpAtten)) or policy in ("lazyllm", "spatten")):
         raise InvalidParameterError("prefill_only applies to the eviction policies, not to LazyLLM or SpAtten")

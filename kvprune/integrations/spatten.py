@@ -19,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from ..caches.quant import QTensor
 from ..caches.spatten import SpAttenCache, SpAttenLayer
 from ..policies.spatten import SpAtten
+from ..policies.base import rank_grid
 from .attention import BLOCK_ELEMENTS
 from .compat import base_output, with_cache
 from .lazyllm import _pack_left, step_inputs
@@ -90,7 +91,9 @@ def progressive_rows(query, key_msb, value_msb, full_kv, allowed, scaling: float
     """
     p = _probs(query, key_msb, allowed, scaling)
     o = torch.matmul(p.to(value_msb.dtype), value_msb[:, None])
-    low = (p.amax(-1) < tau) & rows
+    # on the ranking grid: a row whose largest probability is within float noise of tau decides alike
+    # alone and in a batch (a flip would change its output by the MSB quantization error)
+    low = (rank_grid(p.amax(-1)) < tau) & rows
     if bool(low.any()):
         k_full, v_full = full_kv()
         p_full = _probs(query, k_full, allowed, scaling)
@@ -202,8 +205,9 @@ def make_spatten_cache(model: torch.nn.Module, policy: SpAtten | None = None, bu
         from ..errors import InvalidParameterError
 
         raise InvalidParameterError("pass SpAtten parameters either in the policy object or as keywords/budget, not both")
-    prepare_model(model, backend)
-    prepare_stepwise(model)
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    return SpAttenCache(policy, n_layers, n_heads, n_kv)
+    cache = SpAttenCache(policy, n_layers, n_heads, n_kv)  # validates the schedules before the model changes
+    prepare_model(model, backend)
+    prepare_stepwise(model)
+    return cache

@@ -32,6 +32,11 @@ def build_policy(policy: str | Policy, **params: Any) -> Policy:
         if params:
             raise InvalidParameterError("pass parameters either to the policy object or by name, not both")
         return policy
+    if isinstance(policy, str) and policy.lower() in METHODS and policy.lower() not in POLICIES:
+        raise UnknownPolicyError(
+            f"{policy!r} is not an eviction policy of PruningCache; build its own cache with "
+            f"kvprune.make_cache(model, {policy.lower()!r}) (eviction policies: {', '.join(sorted(POLICIES))})"
+        )
     if not isinstance(policy, str) or policy.lower() not in POLICIES:
         raise UnknownPolicyError(f"unknown policy {policy!r}; valid names: {', '.join(sorted(POLICIES))}")
     cls = POLICIES[policy.lower()]

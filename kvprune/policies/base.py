@@ -20,6 +20,26 @@ Observation = Literal["none", "last_query", "window", "all_queries"]
 OBSERVATIONS: tuple[str, ...] = ("none", "last_query", "window", "all_queries")
 
 
+#: significant bits kept when scores are ranked (float32 has 24): scores that agree to about one part in
+#: a thousand are ties, so the last-bit noise of a batched vs. a single-row computation cannot flip a
+#: decision; ties then go by position (on a tie the newest candidate is evicted first, deterministically)
+RANK_BITS = 10
+
+
+def rank_grid(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` as float32 rounded to :data:`RANK_BITS` significant bits (round half up on the magnitude).
+
+    Every eviction and pruning decision ranks this, not the raw score: a batch row and the same row run
+    alone then rank alike unless float noise straddles a grid step (odds ~2^-14 per near-tie).
+    Infinities and NaN pass through unchanged.
+    """
+    x = scores.float()
+    drop = 24 - RANK_BITS
+    bits = x.view(torch.int32)
+    rounded = ((bits + (1 << (drop - 1))) & ~((1 << drop) - 1)).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x)
+
+
 def check_int(name: str, value: object, low: int, what: str = "") -> int:
     """Validate an integer parameter ``>= low`` and return it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:

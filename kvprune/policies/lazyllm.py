@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import InvalidParameterError
+from .base import rank_grid
 
 
 @dataclass
@@ -56,9 +57,11 @@ class LazyLLM:
 
     def schedule(self, n_layers: int, decoding: bool = False) -> dict[int, float]:
         """``{layer index: prune ratio}`` (of a decoding step with ``decoding``); fractions map to
-        ``round(f * n_layers)``, the last layer excluded."""
+        ``round(f * n_layers)``, the last layer excluded. A layer given twice by index (or by an index and a
+        fraction) is refused; fractions that round onto one layer compose there: ``1 - (1 - r1)(1 - r2)``."""
         ratios = self.decode_ratios if decoding and self.decode_ratios is not None else self.prune_ratios
         out: dict[int, float] = {}
+        source: dict[int, int | float] = {}
         for l, r in zip(self.prune_layers, ratios):
             idx = l if isinstance(l, int) else int(round(l * n_layers))
             if idx >= n_layers - 1:
@@ -67,7 +70,18 @@ class LazyLLM:
                         f"pruning layer {l} leaves no later layer to skip; valid: 0..{n_layers - 2} for {n_layers} layers"
                     )
                 idx = n_layers - 2
-            if idx >= 0 and r > 0:
+            idx = max(idx, 0)
+            if idx in source:
+                if isinstance(l, int) or isinstance(source[idx], int):
+                    raise InvalidParameterError(
+                        f"pruning layers {source[idx]!r} and {l!r} are both layer {idx} of {n_layers}; give each "
+                        "pruning layer once, with the ratio you want there"
+                    )
+                # depth fractions that round onto one layer of a shallow model: both prunings happen there,
+                # one after the other, which is one pruning of the composed ratio
+                r = 1.0 - (1.0 - out.get(idx, 0.0)) * (1.0 - r)
+            source[idx] = l
+            if r > 0:
                 out[idx] = r
         return out
 
@@ -75,12 +89,15 @@ class LazyLLM:
     def select(importance: torch.Tensor, present: torch.Tensor, newest: torch.Tensor, ratio: float) -> torch.Tensor:
         """Keep mask ``[B, T]``: per row, the present tokens not in the lowest ``ratio`` fraction by importance.
 
-        Ties are broken towards the older token; the newest token is always kept.
+        Scores are ranked on :func:`~kvprune.policies.base.rank_grid`; on a tie the newer token is pruned
+        first (tokens are in position order); the newest token is always kept.
         """
         n_present = present.sum(-1)  # [B]
         n_prune = torch.floor(n_present.double() * ratio).long()
-        score = importance.masked_fill(~present, float("inf")).masked_fill(newest, float("inf"))
-        order = score.sort(dim=-1, stable=True).indices  # ascending: least important first
+        score = rank_grid(importance).masked_fill(~present, float("inf")).masked_fill(newest, float("inf"))
+        t = score.shape[-1]
+        # ascending, least important first; on ties the later index first (sort the reversed row stably)
+        order = (t - 1) - score.flip(-1).sort(dim=-1, stable=True).indices
         rank = torch.empty_like(order)
         rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         return present & (rank >= n_prune[:, None])

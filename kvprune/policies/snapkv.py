@@ -1,7 +1,8 @@
 """SnapKV (arXiv 2404.14469): vote by the observation window, cluster by pooling.
 
 At prefill the score of a prefix token is the attention it receives from the last ``window``
-queries (summed), max-pooled over ``kernel_size`` neighbours; the window itself is kept. At a
+queries (summed), max-pooled over ``kernel_size`` neighbouring tokens (in position order, padding
+skipped); the window itself is kept. At a
 decode step the window is the current query (w = 1), so the cache stays within its budget.
 """
 
@@ -45,10 +46,19 @@ class SnapKV(Policy):
 
     def update_scores(self, scores: torch.Tensor, obs: torch.Tensor | None, n_new: int) -> torch.Tensor:
         assert obs is not None
+        return obs  # the window's votes; pooled over neighbours when the cache evicts
+
+    def eviction_scores(
+        self, scores: torch.Tensor, keys: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Votes pooled over each row's valid tokens in position order: padding and free slots between
+        them are no one's neighbours, so a row pools alike alone and in a batch."""
         if self.kernel_size == 1:
-            return obs
-        b, h, s = obs.shape
+            return scores
+        b, h, s = scores.shape
+        key = torch.where(valid, ranks.long(), torch.iinfo(torch.int64).max)
+        order = key.argsort(dim=-1, stable=True)  # valid slots first, by rank (= position order)
+        packed = scores.gather(-1, order).masked_fill(~valid.gather(-1, order), 0.0)
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
-        pad = self.kernel_size // 2
-        pooled = pool(obs.reshape(b * h, 1, s), self.kernel_size, stride=1, padding=pad)
-        return pooled.reshape(b, h, s)
+        pooled = pool(packed.reshape(b * h, 1, s), self.kernel_size, stride=1, padding=self.kernel_size // 2)
+        return torch.empty_like(scores).scatter_(-1, order, pooled.reshape(b, h, s))

@@ -1,0 +1,122 @@
+"""Every method x budget x protocol on SmolLM2-135M-Instruct and the real-text suite; per-example JSONL.
+
+    python benchmarks/real_model_suite.py --out benchmarks/results/real_1k.jsonl --lengths 1024 --n 12
+    python benchmarks/real_model_suite.py --summarise benchmarks/results/real_1k.jsonl
+
+Resumable: a (length, protocol, policy, budget, params) run already in the file is skipped, so a long grid
+can be stopped and continued. Each line holds one answer with the Python version and haystack hash.
+The summary gives accuracy with 95 % Wilson intervals over the tasks the full cache can do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from kvprune.errors import KVPruneError
+from kvprune.eval.qa import PROTOCOLS, run_qa
+from kvprune.eval.realtext import REAL_TASKS, build_real_suite, chat_prompt, haystack_info
+from kvprune.models import load_smollm2
+
+ALL = ("full", "lazyllm", "a2sf", "h2o", "tova", "snapkv", "observed", "keydiff", "streaming", "knorm", "spatten", "random")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def _key(r: dict) -> tuple:
+    return (r["length"], r["protocol"], r["policy"], r["budget"], r.get("params", ""))
+
+
+def summarise(path: Path, min_full: float = 0.5) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    full = {}
+    for r in rows:
+        if r["policy"] == "full":
+            full.setdefault((r["length"], r["protocol"], r["task"]), []).append(r["correct"])
+    usable = {k for k, v in full.items() if sum(v) / len(v) >= min_full}
+    out = ["| length | protocol | task | full-cache accuracy | n |", "|---|---|---|---|---|"]
+    for (length, protocol, task), v in sorted(full.items()):
+        mark = "" if (length, protocol, task) in usable else " (excluded)"
+        out.append(f"| {length} | {protocol} | {task}{mark} | {sum(v) / len(v):.2f} | {len(v)} |")
+    groups: dict[tuple, list[int]] = {}
+    for r in rows:
+        if (r["length"], r["protocol"], r["task"]) in usable:
+            groups.setdefault(_key(r), []).append(int(r["correct"]))
+    out += ["", f"accuracy over the tasks where the full cache scores >= {min_full} (95 % Wilson interval)", "",
+            "| length | protocol | policy | budget | accuracy | interval | n |", "|---|---|---|---|---|---|---|"]
+    for key, v in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][3]), -sum(kv[1]) / len(kv[1]))):
+        lo, hi = wilson(sum(v), len(v))
+        out.append(f"| {key[0]} | {key[1]} | {key[2]}{' ' + key[4] if key[4] else ''} | {key[3]} | "
+                   f"{sum(v) / len(v):.3f} | {lo:.2f}-{hi:.2f} | {len(v)} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/real_model_suite.jsonl"))
+    ap.add_argument("--summarise", type=Path, help="print the summary tables of a results file and exit")
+    ap.add_argument("--lengths", default="1024")
+    ap.add_argument("--n", type=int, default=8, help="examples per task and length")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tasks", default=",".join(REAL_TASKS))
+    ap.add_argument("--policies", default=",".join(ALL))
+    ap.add_argument("--budgets", default="0.1,0.25,0.5")
+    ap.add_argument("--protocols", default=",".join(PROTOCOLS))
+    ap.add_argument("--params", default="", help="JSON object of policy parameters (one policy at a time)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    if args.summarise:
+        print(summarise(args.summarise))
+        return
+    torch.set_num_threads(args.threads)
+    model, tok = load_smollm2()
+    info = haystack_info()
+    params = json.loads(args.params) if args.params else {}
+    tag = json.dumps(params, sort_keys=True) if params else ""
+    done = set()
+    if args.out.exists():
+        done = {_key(json.loads(line)) for line in args.out.read_text().splitlines() if line.strip()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for length in [int(x) for x in args.lengths.split(",")]:
+        examples = build_real_suite(tok, seed=args.seed, n_per_task=args.n, lengths=[length], tasks=args.tasks.split(","))
+        for protocol in args.protocols.split(","):
+            for policy in args.policies.split(","):
+                budgets = [None] if policy in ("full", "lazyllm") else [float(b) for b in args.budgets.split(",")]
+                for budget in budgets:
+                    if (length, protocol, policy, budget, tag) in done:
+                        continue
+                    t0 = time.time()
+                    try:
+                        answers = run_qa(model, tok, examples, policy, budget, prompt=chat_prompt(tok), protocol=protocol,
+                                         stop_strings=(), **params)
+                    except KVPruneError as err:  # e.g. a KV fraction out of SpAtten's reach: say so, go on
+                        print(f"{length} {protocol} {policy} {budget} {tag}: skipped ({err})", flush=True)
+                        continue
+                    with args.out.open("a") as f:
+                        for a in answers:
+                            f.write(json.dumps(dict(length=length, protocol=protocol, policy=policy, budget=budget,
+                                                    params=tag, seed=args.seed, task=a.task, id=a.id, correct=a.correct,
+                                                    prediction=a.prediction[:80], answer=a.answer, kv_bytes=a.kv_bytes,
+                                                    prefill_s=round(a.prefill_s, 4), decode_s=round(a.decode_s, 4),
+                                                    python=info["python"], haystack=info["sha256"])) + "\n")
+                    acc = sum(a.correct for a in answers) / len(answers)
+                    print(f"{length} {protocol} {policy} {budget} {tag}: {acc:.3f} ({len(answers)} ex, {time.time() - t0:.0f} s)",
+                          flush=True)
+
+
+if __name__ == "__main__":
+    main()
