@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import BatchMismatchError
+from ..errors import BatchMismatchError, CacheUsageError
 from ..policies.lazyllm import LazyLLM
 from .cache import CacheStats
 from .layer import check_layout
@@ -163,6 +163,12 @@ class LazyCache(StepwiseCache):
         b, q, _ = embeds.shape
         if self.hidden is not None and self.hidden.shape[0] != b:
             raise BatchMismatchError(f"the cache holds batch {self.hidden.shape[0]} but got {b}; use one cache per batch")
+        if self.hidden is not None and (self.hidden.shape[-1] != embeds.shape[-1] or self.hidden.dtype != embeds.dtype):
+            raise CacheUsageError(
+                f"the cache holds {self.hidden.dtype} hidden states of size {self.hidden.shape[-1]} but got "
+                f"{embeds.dtype} of size {embeds.shape[-1]}: this cache belongs to another model; use one cache per "
+                "model and conversation"
+            )
         new = dict(
             hidden=embeds,
             depth=torch.zeros((b, q), dtype=torch.long, device=embeds.device),

@@ -59,16 +59,11 @@ def _guard_generate(model: torch.nn.Module) -> None:
     model._kvprune_generate_guard = True
 
 
-def prepare_model(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
-    """Route ``model``'s attention through kvprune, keeping its backend (or switching to ``backend``)."""
-    check_architecture(model.config)
-    register()
-    _guard_generate(model)
-    current = model.config._attn_implementation or "eager"
-    base = backend or (current[len(ATTN_PREFIX) :] if current.startswith(ATTN_PREFIX) else current)
-    if base not in BACKENDS:
-        raise InvalidParameterError(f"attention backend {base!r} is not supported; valid: {', '.join(BACKENDS)}")
-    if base == "flash_attention_2" and not current.endswith("flash_attention_2"):
+def check_backend(backend: str) -> None:
+    """Refuse an attention backend kvprune cannot run here, naming what is missing."""
+    if backend not in BACKENDS:
+        raise InvalidParameterError(f"attention backend {backend!r} is not supported; valid: {', '.join(BACKENDS)}")
+    if backend == "flash_attention_2":
         missing = [what for what, ok in (("the flash-attn package (pip install flash-attn)",
                                           importlib.util.find_spec("flash_attn") is not None),
                                          ("a CUDA GPU", torch.cuda.is_available())) if not ok]
@@ -77,6 +72,16 @@ def prepare_model(model: torch.nn.Module, backend: str | None = None) -> torch.n
                 f"backend 'flash_attention_2' needs {' and '.join(missing)}, which this machine lacks; "
                 "use backend='sdpa' (the same scores, through PyTorch's fused kernel) or 'eager'"
             )
+
+
+def prepare_model(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
+    """Route ``model``'s attention through kvprune, keeping its backend (or switching to ``backend``)."""
+    check_architecture(model.config)
+    current = model.config._attn_implementation or "eager"
+    base = backend or (current[len(ATTN_PREFIX) :] if current.startswith(ATTN_PREFIX) else current)
+    check_backend(base)
+    register()  # every check passed: only now does anything on the model change
+    _guard_generate(model)
     if current != ATTN_PREFIX + base:
         model.set_attn_implementation(ATTN_PREFIX + base)
     return model
@@ -110,8 +115,8 @@ def make_cache(
         if policy.lower() not in METHODS:
             raise UnknownPolicyError(f"unknown method {policy!r}; valid names (any case): {', '.join(METHODS)}")
         policy = policy.lower()
-    if backend is not None and backend not in BACKENDS:
-        raise InvalidParameterError(f"attention backend {backend!r} is not supported; valid: {', '.join(BACKENDS)}")
+    if backend is not None:
+        check_backend(backend)
 
     if prefill_only and (isinstance(policy, (LazyLLM, SpAtten)) or policy in ("lazyllm", "spatten")):
         raise InvalidParameterError("prefill_only applies to the eviction policies, not to LazyLLM or SpAtten")

@@ -54,6 +54,12 @@ class LazyLLM:
             ok = (isinstance(l, int) and not isinstance(l, bool) and l >= 0) or (isinstance(l, float) and 0.0 < l < 1.0)
             if not ok:
                 raise InvalidParameterError(f"a pruning layer is a layer index >= 0 or a depth fraction in (0, 1); got {l!r}")
+        dup = sorted({l for l in self.prune_layers if self.prune_layers.count(l) > 1})
+        if dup:
+            raise InvalidParameterError(
+                f"pruning layers {dup[0]!r} and {dup[0]!r} name one layer twice in {self.prune_layers}; give each pruning "
+                "layer once, with the ratio you want there"
+            )
 
     def schedule(self, n_layers: int, decoding: bool = False) -> dict[int, float]:
         """``{layer index: prune ratio}`` (of a decoding step with ``decoding``); fractions map to

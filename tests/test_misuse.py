@@ -1,0 +1,219 @@
+"""Misuse that used to crash deep inside torch, pass silently or change the model first: each is refused with a
+typed error that says what is valid, before anything on the model or in the cache changes."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import re
+import types
+
+import pytest
+import torch
+from conftest import padded_batch, tiny_model
+
+import kvprune
+from kvprune.caches.lazy import LazyCache
+from kvprune.errors import CacheUsageError, InvalidBudgetError, InvalidParameterError, UnknownPolicyError
+from kvprune.integrations.compat import with_cache
+from kvprune.policies import METHODS, POLICIES
+from kvprune.policies.lazyllm import LazyLLM
+
+LAZY = {"prune_layers": (0,), "prune_ratios": (0.5,)}
+
+
+def raises(cls, phrase):
+    return pytest.raises(cls, match=re.escape(phrase))
+
+
+def _state(model) -> tuple:
+    """What preparing a model changes: its attention implementation, the stepwise forward wrapper, generate."""
+    return (model.config._attn_implementation, getattr(model.model, "_kvprune_stepwise", False),
+            getattr(model, "_kvprune_generate_guard", False))
+
+
+def _cache(model, method: str):
+    if method == "lazyllm":
+        return kvprune.make_cache(model, "lazyllm", **LAZY)
+    if method == "spatten":
+        return kvprune.make_cache(model, "spatten", head_ratio=0.25, head_start=0.0)
+    if method == "full":
+        return kvprune.make_cache(model, "full")
+    return kvprune.make_cache(model, method, 6, **({"window": 2} if method == "snapkv" else {}))
+
+
+ALL = sorted(METHODS)
+
+
+# -- budgets ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [2**31, 2**63, 10**30])
+def test_budget_beyond_int32_positions_refused_before_the_model_changes(budget):
+    model = tiny_model()
+    before = _state(model)
+    with raises(InvalidBudgetError, "a token budget must be an integer >= 1 and <= 2147483647"):
+        kvprune.make_cache(model, "h2o", budget)
+    assert _state(model) == before
+    assert kvprune.Budget.parse(2**31 - 1).tokens == 2**31 - 1
+
+
+def test_full_with_a_budget_is_refused():
+    model = tiny_model()
+    with raises(InvalidBudgetError, "policy 'full' keeps every token and takes no budget; pass budget=None"):
+        kvprune.make_cache(model, "full", 64)
+    assert kvprune.make_cache(model, "full").stats().kv_bytes == 0
+
+
+# -- names and backends -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["H2O", "LazyLLM", "SpAtten", "SnapKV", "A2SF", "Full"])
+def test_method_names_any_case(name):
+    model = tiny_model()
+    budget = None if name.lower() in ("lazyllm", "full", "spatten") else 0.5
+    kvprune.make_cache(model, name, budget)
+
+
+def test_unknown_method_lists_every_method():
+    with raises(UnknownPolicyError, f"valid names (any case): {', '.join(METHODS)}"):
+        kvprune.make_cache(tiny_model(), "lru", 8)
+    assert "lazyllm" in METHODS and "spatten" in METHODS
+
+
+def test_pruning_cache_points_stepwise_methods_to_make_cache():
+    with raises(UnknownPolicyError, "build its own cache with kvprune.make_cache(model, 'lazyllm')"):
+        kvprune.PruningCache("LazyLLM", num_layers=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None,
+                    reason="flash-attn and CUDA are present: the backend is available here")
+@pytest.mark.parametrize("method", ["h2o", "spatten"])
+def test_flash_attention_without_cuda_in_kvprune_words(method):
+    model = tiny_model()
+    before = _state(model)
+    with raises(InvalidParameterError, "backend 'flash_attention_2' needs"):
+        kvprune.make_cache(model, method, 0.5, backend="flash_attention_2")
+    assert _state(model) == before
+
+
+def test_unknown_backend_refused_before_the_model_changes():
+    model = tiny_model()
+    before = _state(model)
+    with raises(InvalidParameterError, "valid: eager, sdpa, flash_attention_2"):
+        kvprune.make_cache(model, "lazyllm", backend="xformers")
+    assert _state(model) == before
+
+
+# -- LazyLLM schedules ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("layers", "phrase"),
+    [((1, 1), "pruning layers 1 and 1 name one layer twice in (1, 1)"),
+     ((0.2, 1), "pruning layers 0.2 and 1 are both layer 1 of 5"),
+     ((1, 0.2), "pruning layers 1 and 0.2 are both layer 1 of 5"),
+     ((1, 7), "pruning layer 7 leaves no later layer to skip; valid: 0..3 for 5 layers")],
+)
+def test_lazyllm_schedule_refused_before_the_model_changes(layers, phrase):
+    model = tiny_model(num_hidden_layers=5)
+    before = _state(model)
+    with raises(InvalidParameterError, phrase):
+        kvprune.make_cache(model, "lazyllm", prune_layers=layers, prune_ratios=(0.5, 0.5))
+    assert _state(model) == before
+
+
+def test_lazyllm_fractions_on_one_layer_compose():
+    """The default schedule on a shallow model: 0.6 and 0.9 of 4 layers both land on layer 2; both ratios apply."""
+    assert LazyLLM().schedule(4) == {1: 0.5, 2: 0.75}
+    assert LazyLLM((0.5, 0.6), (0.2, 0.5)).schedule(5) == {2: pytest.approx(0.2), 3: pytest.approx(0.5)}
+
+
+# -- a cache used with another model, or with a model kvprune does not drive -------------------------------
+@pytest.mark.parametrize("method", ALL)
+def test_cache_reused_on_a_model_with_another_head_size(method):
+    small = tiny_model()  # head size 16
+    big = kvprune.prepare_model(tiny_model(hidden_size=128, intermediate_size=256))  # head size 32, same KV heads
+    cache = _cache(small, method)
+    ids, mask = padded_batch([6])
+    with torch.no_grad():
+        small(input_ids=ids, attention_mask=mask, **with_cache(cache), use_cache=True)
+        if method == "lazyllm":
+            kvprune.make_cache(big, "lazyllm", **LAZY)
+        elif method == "spatten":
+            kvprune.make_cache(big, "spatten")
+        with pytest.raises(CacheUsageError, match="belongs to another model"):
+            big(input_ids=ids[:, :1], **with_cache(cache), use_cache=True)
+
+
+@pytest.mark.parametrize("method", ["lazyllm", "spatten"])
+def test_stepwise_cache_with_a_model_never_prepared(method):
+    prepared, plain = tiny_model(), tiny_model()
+    cache = _cache(prepared, method)
+    ids, _ = padded_batch([8])
+    with pytest.raises(CacheUsageError, match="nothing was stored"), torch.no_grad():
+        plain(input_ids=ids, **with_cache(cache), use_cache=True)
+    assert cache.get_seq_length() == 0 and all(not layer.is_initialized for layer in cache.layers)
+
+
+def test_pruning_cache_never_holds_more_than_its_budget_with_an_unprepared_model():
+    prepared, plain = tiny_model(), tiny_model()
+    cache = kvprune.make_cache(prepared, "h2o", 4)  # sized by the prepared model's config
+    ids, _ = padded_batch([12])
+    with pytest.raises(CacheUsageError, match="call kvprune.prepare_model"), torch.no_grad():
+        plain(input_ids=ids, **with_cache(cache), use_cache=True)
+    assert all(layer.physical_length == 0 for layer in cache.layers)
+
+
+# -- beam indices -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("index", [[0, 2], [-1, 0], [0.0, 1.0]])
+def test_reorder_cache_with_bad_indices(method, index):
+    model = tiny_model()
+    cache = _cache(model, method)
+    ids, mask = padded_batch([6, 4])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, **with_cache(cache), use_cache=True)
+    kv = cache.stats().kv_bytes
+    with pytest.raises(InvalidParameterError, match=r"row indices must be"):
+        cache.reorder_cache(torch.tensor(index))
+    assert cache.stats().kv_bytes == kv
+    cache.reorder_cache(torch.tensor([1, 1]))  # valid indices still work
+
+
+# -- stats: every byte the cache holds ------------------------------------------------------------------
+def _reachable_storage_bytes(root) -> int:
+    """Independent of kvprune's accounting: follow the garbage collector's referents from ``root`` (modules,
+    classes, functions and models excluded) and sum each distinct tensor storage once."""
+    seen, total, stack = set(), {}, [root]
+    skip = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType, torch.nn.Module)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            st = obj.untyped_storage()
+            total[(str(obj.device), st.data_ptr())] = st.nbytes()
+            stack.extend(gc.get_referents(obj))
+            continue
+        stack.extend(gc.get_referents(obj))
+    return sum(total.values())
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_stats_count_every_byte_the_cache_holds(method):
+    model = tiny_model()
+    if method == "spatten":
+        cache = kvprune.make_cache(model, "spatten", head_ratio=0.25, head_start=0.0, quant_bits=(8, 4))
+    else:
+        cache = _cache(model, method)
+    ids, mask = padded_batch([9, 5, 7])
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                       num_beams=2 if method != "random" else 1, **with_cache(cache))
+    stats = cache.stats()
+    assert stats.kv_bytes > 0
+    assert stats.kv_bytes + stats.metadata_bytes == _reachable_storage_bytes(cache)
+
+
+def test_every_method_is_covered_here():
+    assert set(ALL) == set(POLICIES) | {"lazyllm", "spatten"}
+
+
+def test_lazy_cache_type_is_public():
+    assert kvprune.LazyCache is LazyCache
