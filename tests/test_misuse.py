@@ -4,6 +4,7 @@ typed error that says what is valid, before anything on the model or in the cach
 from __future__ import annotations
 
 import gc
+import importlib
 import importlib.util
 import re
 import types
@@ -217,3 +218,30 @@ def test_every_method_is_covered_here():
 
 def test_lazy_cache_type_is_public():
     assert kvprune.LazyCache is LazyCache
+
+
+@pytest.mark.parametrize("method", ["lazyllm", "spatten", "h2o"])
+def test_unknown_parameter_is_a_typed_error_before_the_model_changes(method):
+    model = tiny_model()
+    before = _state(model)
+    with raises(InvalidParameterError, "has no parameter(s) ['windw']"):
+        kvprune.make_cache(model, method, 0.5 if method != "lazyllm" else None, windw=3)
+    assert _state(model) == before
+
+
+def test_compare_checks_every_argument_before_the_baseline_runs(monkeypatch):
+    compare_module = importlib.import_module("kvprune.eval.compare")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a run started before the arguments were checked")
+
+    monkeypatch.setattr(compare_module, "_qa_rows", refuse)
+    examples = [{"context": "a b", "question": "c", "answer": "d"}]
+    model = tiny_model()
+    with raises(InvalidBudgetError, "a budget ratio must be a float in (0, 1)"):
+        compare_module.compare(model, object(), task=examples, policies=["h2o"], budgets=[0.5, 1.5])
+    with raises(InvalidParameterError, "has no parameter(s) ['alphaa']"):
+        compare_module.compare(model, object(), task=examples, policies=["a2sf"], budgets=[0.5],
+                               policy_params={"a2sf": {"alphaa": 0.1}})
+    with raises(InvalidParameterError, "protocol must be one of"):
+        compare_module.compare(model, object(), task=examples, policies=["h2o"], budgets=[0.5], protocol="both")

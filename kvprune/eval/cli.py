@@ -353,19 +353,10 @@ def _validate(args) -> None:
 
 
 def _check_params(policy: str, params: dict[str, Any]) -> None:
-    """Build the policy from its parameters once, so a bad parameter is refused before the model loads."""
-    if policy == "lazyllm":
-        from ..policies.lazyllm import LazyLLM
+    """Build the method's configuration from its parameters once, so a bad one is refused before the model loads."""
+    from ..policies import check_params
 
-        LazyLLM(**params)
-    elif policy == "spatten":
-        from ..policies.spatten import SpAtten
-
-        SpAtten(**params)
-    else:
-        from ..policies import build_policy
-
-        build_policy(policy, **params)
+    check_params(policy, params)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,11 +374,6 @@ def main(argv: list[str] | None = None) -> int:
         kind = "" if isinstance(err, CLIError) else f"{type(err).__name__}: "
         print(f"kvprune: error: {kind}{err}", file=sys.stderr)
         return 2
-    except TypeError as err:  # a --params key the method's constructor does not take
-        if "unexpected keyword argument" in str(err) or "got an unexpected" in str(err):
-            print(f"kvprune: error: --params: {err}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

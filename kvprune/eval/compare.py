@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from ..errors import InvalidBudgetError
-from ..policies import METHODS
+from ..policies import METHODS, check_params
 
 DEFAULT_POLICIES: tuple[str, ...] = (
     "a2sf", "h2o", "spatten", "lazyllm", "tova", "snapkv", "observed", "keydiff", "streaming", "knorm", "random",
@@ -124,6 +124,8 @@ def compare(
         check_protocol(p)
     for b in budgets:
         Budget.parse(b)  # raises InvalidBudgetError now, not after the full-cache baseline ran
+    for p in policies:
+        check_params(p, _policy_params(p, policy_params))
     if isinstance(task, str) and task not in ("longqa", "realtext", "fidelity"):
         raise InvalidParameterError(f"task must be 'longqa', 'realtext', 'fidelity' or a list of examples; got {task!r}")
     if not isinstance(task, str) and not list(task):

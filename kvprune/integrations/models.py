@@ -12,7 +12,7 @@ from ..caches import ATTN_PREFIX, Budget, PruningCache
 from ..caches.lazy import LazyCache
 from ..caches.spatten import SpAttenCache
 from ..errors import InvalidParameterError, UnknownPolicyError, UnsupportedArchitectureError
-from ..policies import METHODS, Policy
+from ..policies import METHODS, Policy, check_params
 from .attention import BACKENDS, register
 
 #: model families whose attention calls ``past_key_values.update`` and transformers' attention interface
@@ -117,6 +117,8 @@ def make_cache(
         policy = policy.lower()
     if backend is not None:
         check_backend(backend)
+    if policy in ("lazyllm", "spatten"):
+        check_params(policy, policy_params)  # unknown names are typed errors, not TypeErrors from a dataclass
 
     if prefill_only and (isinstance(policy, (LazyLLM, SpAtten)) or policy in ("lazyllm", "spatten")):
         raise InvalidParameterError("prefill_only applies to the eviction policies, not to LazyLLM or SpAtten")

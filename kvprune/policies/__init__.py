@@ -49,6 +49,24 @@ def build_policy(policy: str | Policy, **params: Any) -> Policy:
     return cls(**params)
 
 
+def check_params(method: str, params: dict[str, Any]) -> None:
+    """Refuse parameters that ``method`` (any registered name, LazyLLM and SpAtten included) does not take,
+    and values its configuration rejects, before anything runs: a typed error naming the valid ones."""
+    from .lazyllm import LazyLLM
+    from .spatten import SpAtten
+
+    name = method.lower() if isinstance(method, str) else method
+    if name in ("lazyllm", "spatten"):
+        cls = LazyLLM if name == "lazyllm" else SpAtten
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - fields)
+        if unknown:
+            raise InvalidParameterError(f"{name} has no parameter(s) {unknown}; valid parameters: {sorted(fields)}")
+        cls(**params)
+    else:
+        build_policy(name, **params)
+
+
 __all__ = [
     "A2SF",
     "H2O",
@@ -66,4 +84,5 @@ __all__ = [
     "StreamingLLM",
     "TOVA",
     "build_policy",
+    "check_params",
 ]
