@@ -22,3 +22,9 @@ def test_policy_comparison_notebook_executes(tmp_path):
     assert (tmp_path / "policy_comparison.png").stat().st_size > 1000
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "predicted:" in outputs and "KV bytes:" in outputs
+    from kvprune.models import smollm2_available
+
+    if smollm2_available():  # the real-model section ran: both protocols, both policies
+        assert "query_agnostic" in outputs and "query_aware" in outputs and "tova" in outputs
+    else:
+        assert "skipped: SmolLM2 is not installed" in outputs
