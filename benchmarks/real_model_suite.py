@@ -65,10 +65,50 @@ def summarise(path: Path, min_full: float = 0.5) -> str:
     return "\n".join(out)
 
 
+def plot(paths: list[Path], out: Path, min_full: float = 0.5) -> None:
+    """Accuracy against budget per policy, one panel per protocol, over the tasks the full cache can do."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
+    full: dict[tuple, list[int]] = {}
+    for r in rows:
+        if r["policy"] == "full":
+            full.setdefault((r["protocol"], r["task"]), []).append(int(r["correct"]))
+    usable = {k for k, v in full.items() if sum(v) / len(v) >= min_full}
+    protocols = sorted({r["protocol"] for r in rows})
+    fig, axes = plt.subplots(1, len(protocols), figsize=(6.2 * len(protocols), 4.4), sharey=True, squeeze=False)
+    for ax, protocol in zip(axes[0], protocols):
+        acc: dict[tuple, list[int]] = {}
+        for r in rows:
+            if r["protocol"] == protocol and (protocol, r["task"]) in usable and not r.get("params"):
+                acc.setdefault((r["policy"], r["budget"]), []).append(int(r["correct"]))
+        for policy in sorted({k[0] for k in acc}):
+            pts = sorted((b, sum(v) / len(v)) for (p, b), v in acc.items() if p == policy and b is not None)
+            if policy == "full":
+                v = acc[("full", None)]
+                ax.axhline(sum(v) / len(v), color="black", linestyle="--", linewidth=1, label="full cache")
+            elif not pts:
+                v = acc[(policy, None)]
+                ax.axhline(sum(v) / len(v), linestyle=":", linewidth=1.5, label=f"{policy} (no KV budget)")
+            else:
+                ax.plot([b for b, _ in pts], [a for _, a in pts], marker="o", label=policy)
+        ax.set_title(f"SmolLM2-135M-Instruct, 1K tokens, {protocol.replace('_', '-')}")
+        ax.set_xlabel("KV budget (fraction of tokens; SpAtten: of KV memory)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (tasks the full cache can do)")
+    axes[0][-1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/real_model_suite.jsonl"))
     ap.add_argument("--summarise", type=Path, help="print the summary tables of a results file and exit")
+    ap.add_argument("--plot", type=Path, nargs="+", help="results files to plot into --out (a PNG) and exit")
     ap.add_argument("--lengths", default="1024")
     ap.add_argument("--n", type=int, default=8, help="examples per task and length")
     ap.add_argument("--seed", type=int, default=0)
@@ -81,6 +121,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.summarise:
         print(summarise(args.summarise))
+        return
+    if args.plot:
+        plot(args.plot, args.out)
         return
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()

@@ -303,7 +303,7 @@ def test_invalid_budgets_and_usage():
         kvprune.make_cache(model, "spatten", token_ratios=(0.1, 0.2))
     with pytest.raises(InvalidParameterError, match="not both"):
         kvprune.make_cache(model, SpAtten(), 0.5)
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidParameterError, match=r"spatten has no parameter\(s\) \['nonsense'\]"):
         kvprune.make_cache(model, "spatten", nonsense=1)
     cache = kvprune.make_cache(model, "spatten")
     with pytest.raises(UnsupportedGenerationModeError):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..policies import METHODS
+from ..policies import METHODS, methods
 from .compare import DEFAULT_POLICIES
 from .qa import PROTOCOLS
 
@@ -52,8 +52,8 @@ def _positive_int(text: str) -> int:
 
 def _method(text: str) -> str:
     name = text.strip().lower()
-    if name not in METHODS:
-        raise argparse.ArgumentTypeError(f"unknown method {text!r}; valid (any case): {', '.join(METHODS)}")
+    if name not in methods():
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; valid (any case): {', '.join(methods())}")
     return name
 
 
@@ -196,14 +196,15 @@ def cmd_compare(args) -> int:
         model, tokenizer, task=task, policies=args.policies, budgets=args.budgets,
         n_examples=args.n_examples, lengths=args.lengths, seed=args.seed, batch_size=args.batch_size,
         n_sequences=args.sequences, sequence_length=args.sequence_length, progress=not args.quiet,
-        protocol=protocols,
+        protocol=protocols, tasks=args.tasks,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "compare.csv", index=False)
     df.to_json(out / "compare.json", orient="records", indent=1)
-    metric = "accuracy" if "accuracy" in set(df["metric"]) else "nll_increase"
-    for protocol, rows in df[df["metric"] == metric].groupby("protocol", dropna=False, sort=False):
+    metric = next(m for m in ("exact_match", "accuracy", "nll_increase") if m in set(df["metric"]))
+    overall = df[(df["metric"] == metric) & (df["task"] == df["task"].iloc[0])]  # the all-tasks rows
+    for protocol, rows in overall.groupby("protocol", dropna=False, sort=False):
         head = "" if protocol != protocol else f", {protocol}"  # NaN protocol (fidelity): no label
         table = rows[rows["policy"] != "full"].pivot_table(index="policy", columns="budget", values="value")
         print(f"\n{metric} by policy and KV budget ({args.model}{head}):")
@@ -296,9 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="query_agnostic", choices=[*PROTOCOLS, "both"],
                    help="query_agnostic: context compressed before the question is read; query_aware: question in the "
                         "compressed prompt; both")
-    p.add_argument("--n-examples", type=_positive_int, default=6, help="examples per task kind and length")
+    p.add_argument("--n-examples", type=_positive_int, default=None,
+                   help="examples per task kind and length (default 6; 2 for realtext)")
     p.add_argument("--lengths", type=_csv(_positive_int), default=None,
                    help="prompt lengths in tokens (default 512,1024; 1024 for realtext)")
+    p.add_argument("--tasks", type=_csv(str), default=None,
+                   help="task kinds of the suite (default: all for longqa; for realtext the ones SmolLM2 can do with "
+                        "the full cache at 1K: " + ",".join(REALTEXT_DEFAULT_TASKS) + ")")
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--sequences", type=_positive_int, default=8, help="fidelity: sequences sampled from the model")
     p.add_argument("--sequence-length", type=_positive_int, default=256, help="fidelity: tokens per sequence")
@@ -333,12 +338,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: realtext tasks SmolLM2-135M-Instruct answers with the full cache at 1K tokens (BENCHMARKS.md, real model)
+REALTEXT_DEFAULT_TASKS = ("niah_single", "niah_multikey", "vartrack")
+
+
 def _validate(args) -> None:
     """Checks that need several arguments together, before any model loads."""
     check_model_spec(args.model)
+    realtext = args.model == "smollm2" or getattr(args, "task", None) == "realtext"
+    if args.command == "compare":
+        if args.n_examples is None:
+            args.n_examples = 2 if realtext else 6
+        if args.tasks is None and realtext and not args.file:
+            args.tasks = list(REALTEXT_DEFAULT_TASKS)
+        if args.tasks:
+            from .realtext import REAL_TASKS
+            from .tasks import TASKS
+
+            valid = REAL_TASKS if realtext else TASKS
+            unknown = [t for t in args.tasks if t not in valid]
+            if unknown:
+                raise CLIError(f"--tasks {','.join(unknown)}: unknown; valid here: {', '.join(valid)}")
     if getattr(args, "lengths", None) is None and hasattr(args, "lengths"):
-        args.lengths = [1024] if (args.model == "smollm2" or args.task == "realtext") else (
-            [512, 1024] if args.command == "compare" else [512])
+        args.lengths = [1024] if realtext else ([512, 1024] if args.command == "compare" else [512])
     params = _params(getattr(args, "params", None))  # a CLIError on bad syntax
     budget = getattr(args, "budget", _OMITTED)
     policy = getattr(args, "policy", None)

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from ..errors import InvalidBudgetError
-from ..policies import METHODS, check_params
+from ..policies import check_params, methods
 
 DEFAULT_POLICIES: tuple[str, ...] = (
     "a2sf", "h2o", "spatten", "lazyllm", "tova", "snapkv", "observed", "keydiff", "streaming", "knorm", "random",
@@ -92,6 +92,7 @@ def compare(
     sequence_length: int = 256,
     protocol: str | Sequence[str] = "query_agnostic",
     prompt: Callable[[dict[str, Any]], str] | None = None,
+    tasks: Sequence[str] | None = None,
     progress: bool | Callable[[int], None] = False,
 ) -> pd.DataFrame:
     """Run every policy at every budget on ``task``; one row per (task, protocol, policy, budget, metric).
@@ -102,7 +103,8 @@ def compare(
     ``"fidelity"`` (NLL increase, greedy agreement and KL against the full cache on sequences sampled
     from ``model``). ``protocol`` is ``"query_agnostic"`` (context compressed before the question is
     read), ``"query_aware"`` (question inside the compressed prompt) or both as a list; ``prompt``
-    renders an example (default: the suite's own format; the chat template for ``"realtext"``).
+    renders an example (default: the suite's own format; the chat template for ``"realtext"``);
+    ``tasks`` picks the suite's task kinds (default: all of them).
     Budgets are token counts (int) or ratios of the tokens seen (float); for ``"spatten"`` a
     float is the fraction of KV memory kept (averaged over layers), and a budget out of its reach
     is skipped with a warning. The full cache and LazyLLM (no KV budget) appear once per protocol with
@@ -114,9 +116,9 @@ def compare(
     from .qa import check_protocol
 
     policies = [p.lower() if isinstance(p, str) else p for p in policies]
-    unknown = [p for p in policies if p not in METHODS]
+    unknown = [p for p in policies if p not in methods()]
     if unknown:
-        raise UnknownPolicyError(f"unknown policies {unknown}; valid names: {', '.join(METHODS)}")
+        raise UnknownPolicyError(f"unknown policies {unknown}; valid names: {', '.join(methods())}")
     protocols = [protocol] if isinstance(protocol, str) else list(protocol)
     if not protocols:
         raise InvalidParameterError("protocol names none; give 'query_agnostic', 'query_aware' or both")
@@ -151,11 +153,15 @@ def compare(
         if task == "longqa":
             from .tasks import build_suite
 
-            examples = build_suite(seed=seed, n_per_task=n_examples, lengths=list(lengths), tokenizer=tokenizer)
-        elif task == "realtext":
-            from .realtext import build_real_suite, chat_prompt
+            from .tasks import TASKS
 
-            examples = build_real_suite(tokenizer, seed=seed, n_per_task=n_examples, lengths=list(lengths))
+            examples = build_suite(seed=seed, n_per_task=n_examples, lengths=list(lengths), tokenizer=tokenizer,
+                                   tasks=tasks or TASKS)
+        elif task == "realtext":
+            from .realtext import REAL_TASKS, build_real_suite, chat_prompt
+
+            examples = build_real_suite(tokenizer, seed=seed, n_per_task=n_examples, lengths=list(lengths),
+                                        tasks=tasks or REAL_TASKS)
             prompt = prompt or chat_prompt(tokenizer)
         else:
             examples = list(task)

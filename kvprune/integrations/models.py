@@ -12,7 +12,7 @@ from ..caches import ATTN_PREFIX, Budget, PruningCache
 from ..caches.lazy import LazyCache
 from ..caches.spatten import SpAttenCache
 from ..errors import InvalidParameterError, UnknownPolicyError, UnsupportedArchitectureError
-from ..policies import METHODS, Policy, check_params
+from ..policies import Policy, check_params, methods
 from .attention import BACKENDS, register
 
 #: model families whose attention calls ``past_key_values.update`` and transformers' attention interface
@@ -112,8 +112,8 @@ def make_cache(
     from ..policies.spatten import SpAtten
 
     if isinstance(policy, str):
-        if policy.lower() not in METHODS:
-            raise UnknownPolicyError(f"unknown method {policy!r}; valid names (any case): {', '.join(METHODS)}")
+        if policy.lower() not in methods():
+            raise UnknownPolicyError(f"unknown method {policy!r}; valid names (any case): {', '.join(methods())}")
         policy = policy.lower()
     if backend is not None:
         check_backend(backend)

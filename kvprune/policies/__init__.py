@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import InvalidParameterError, UnknownPolicyError
 from .a2sf import A2SF
-from .base import OBSERVATIONS, Observation, Policy
+from .base import OBSERVATIONS, REGISTRY, RESERVED, Observation, Policy
 from .full import FullCache
 from .h2o import H2O
 from .keydiff import KeyDiff
@@ -18,12 +18,18 @@ from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .tova import TOVA
 
-POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls
-    for cls in (FullCache, StreamingLLM, H2O, TOVA, SnapKV, KNorm, RandomPolicy, A2SF, ObservedAttention, KeyDiff)
-}
-#: every method ``kvprune.make_cache`` accepts by name: the eviction policies plus LazyLLM and SpAtten
-METHODS: tuple[str, ...] = tuple(sorted({*POLICIES, "lazyllm", "spatten"}))
+#: the eviction policies by name: every ``Policy`` subclass with a ``name`` registers itself when defined
+#: (the built-in ones above; a user's own policy the same way, see the README's "Writing a policy")
+POLICIES: dict[str, type[Policy]] = REGISTRY
+
+
+def methods() -> tuple[str, ...]:
+    """Every method ``kvprune.make_cache`` accepts by name now: the registered policies, LazyLLM and SpAtten."""
+    return tuple(sorted({*POLICIES, *RESERVED}))
+
+
+#: the built-in methods (``methods()`` also lists policies registered later)
+METHODS: tuple[str, ...] = methods()
 
 
 def build_policy(policy: str | Policy, **params: Any) -> Policy:
@@ -32,7 +38,7 @@ def build_policy(policy: str | Policy, **params: Any) -> Policy:
         if params:
             raise InvalidParameterError("pass parameters either to the policy object or by name, not both")
         return policy
-    if isinstance(policy, str) and policy.lower() in METHODS and policy.lower() not in POLICIES:
+    if isinstance(policy, str) and policy.lower() in RESERVED:
         raise UnknownPolicyError(
             f"{policy!r} is not an eviction policy of PruningCache; build its own cache with "
             f"kvprune.make_cache(model, {policy.lower()!r}) (eviction policies: {', '.join(sorted(POLICIES))})"
@@ -56,7 +62,7 @@ def check_params(method: str, params: dict[str, Any]) -> None:
     from .spatten import SpAtten
 
     name = method.lower() if isinstance(method, str) else method
-    if name in ("lazyllm", "spatten"):
+    if name in RESERVED:
         cls = LazyLLM if name == "lazyllm" else SpAtten
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - fields)
@@ -85,4 +91,5 @@ __all__ = [
     "TOVA",
     "build_policy",
     "check_params",
+    "methods",
 ]

@@ -47,6 +47,26 @@ def check_int(name: str, value: object, low: int, what: str = "") -> int:
     return value
 
 
+#: every eviction policy by (lower-case) name: filled by defining a Policy subclass with a ``name``
+REGISTRY: dict[str, type] = {}
+#: names of the methods with caches of their own (not Policy subclasses)
+RESERVED: tuple[str, ...] = ("lazyllm", "spatten")
+
+
+def register(cls: type) -> type:
+    """Add a policy class to :data:`REGISTRY` under ``cls.name`` (a re-definition of the same class replaces it)."""
+    key = str(cls.name).lower()
+    if key in RESERVED or key == "base":
+        raise InvalidParameterError(f"policy name {cls.name!r} is taken by kvprune; choose another")
+    old = REGISTRY.get(key)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise InvalidParameterError(
+            f"policy name {cls.name!r} is already {old.__module__}.{old.__qualname__}; choose another name"
+        )
+    REGISTRY[key] = cls
+    return cls
+
+
 @dataclass
 class Policy:
     """Base policy: keeps ``n_sink`` first tokens and ``recent`` last tokens, scores nothing.
@@ -64,6 +84,12 @@ class Policy:
     shared_across_heads: ClassVar[bool] = False
     #: the policy never evicts (budget is ignored)
     evicts: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """A subclass that sets its own ``name`` registers itself: ``make_cache(model, name, ...)`` then builds it."""
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            register(cls)
 
     def __post_init__(self) -> None:
         check_int("n_sink", self.n_sink, 0)
