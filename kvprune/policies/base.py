@@ -40,6 +40,19 @@ def rank_grid(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), rounded, x)
 
 
+def keep_top(score: torch.Tensor, present: torch.Tensor, forced: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Keep mask ``[B, N]``: per row the ``keep[b]`` present entries with the highest score on :func:`rank_grid`,
+    ``forced`` ones always among them; on a tie the lower index (the older token) is kept.
+
+    The one ranking rule of LazyLLM's and SpAtten's pruning (the caches' eviction applies the same rule to slots).
+    """
+    score = rank_grid(score).masked_fill(~present, float("-inf")).masked_fill(forced & present, float("inf"))
+    order = (-score).sort(dim=-1, stable=True).indices  # descending score, stable -> lower index first
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return present & (rank < keep[:, None])
+
+
 def check_int(name: str, value: object, low: int, what: str = "") -> int:
     """Validate an integer parameter ``>= low`` and return it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import InvalidParameterError
-from .base import rank_grid
+from .base import keep_top
 
 
 @dataclass
@@ -95,15 +95,9 @@ class LazyLLM:
     def select(importance: torch.Tensor, present: torch.Tensor, newest: torch.Tensor, ratio: float) -> torch.Tensor:
         """Keep mask ``[B, T]``: per row, the present tokens not in the lowest ``ratio`` fraction by importance.
 
-        Scores are ranked on :func:`~kvprune.policies.base.rank_grid`; on a tie the newer token is pruned
-        first (tokens are in position order); the newest token is always kept.
+        :func:`~kvprune.policies.base.keep_top` keeps the rest: scores on the ranking grid, on a tie the newer
+        token is pruned first (tokens are in position order); the newest token is always kept.
         """
         n_present = present.sum(-1)  # [B]
         n_prune = torch.floor(n_present.double() * ratio).long()
-        score = rank_grid(importance).masked_fill(~present, float("inf")).masked_fill(newest, float("inf"))
-        t = score.shape[-1]
-        # ascending, least important first; on ties the later index first (sort the reversed row stably)
-        order = (t - 1) - score.flip(-1).sort(dim=-1, stable=True).indices
-        rank = torch.empty_like(order)
-        rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-        return present & (rank >= n_prune[:, None])
+        return keep_top(importance, present, newest, n_present - n_prune)

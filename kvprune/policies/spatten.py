@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import InvalidBudgetError, InvalidParameterError
-from .base import rank_grid
+from .base import keep_top
 
 
 def _check_ratio(name: str, r: object) -> float:
@@ -148,13 +148,6 @@ class SpAtten:
     # -- selection ---------------------------------------------------------------------------------
     @staticmethod
     def select(score: torch.Tensor, present: torch.Tensor, forced: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Keep mask ``[B, N]``: per row the ``keep`` present entries with the highest score, ``forced`` always in.
-
-        Scores are ranked on :func:`~kvprune.policies.base.rank_grid`; ties go to the lower index (the
-        older token / the lower head index).
-        """
-        score = rank_grid(score).masked_fill(~present, float("-inf")).masked_fill(forced & present, float("inf"))
-        order = (-score).sort(dim=-1, stable=True).indices  # descending score, stable -> lower index first
-        rank = torch.empty_like(order)
-        rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-        return present & (rank < keep[:, None])
+        """Keep mask ``[B, N]``: per row the ``keep`` present entries with the highest score, ``forced`` always in
+        (:func:`~kvprune.policies.base.keep_top`: ranked on the grid, ties to the older token / lower head index)."""
+        return keep_top(score, present, forced, keep)
