@@ -16,6 +16,9 @@ Protocol (each reply is one JSON line; errors come back as ``{"error": ...}``):
   reply with NLL increase, greedy agreement, KL vs the full cache and prefill / decode seconds.
 * ``{"cmd": "qa", "press", "ratio", "max_new_tokens", "stop_ids"}``: per example (batch 1) prefill the
   context under the press, then the question, then greedy decoding; reply with the generated ids.
+* ``{"cmd": "init_qa", "threads", "model_dir", "examples_path"}``: QA only (the real-model driver,
+  ``benchmarks/real_kvpress.py``); ``{"cmd": "qa_aware", ...}`` as ``qa`` but with context and question
+  prefilled together under the press (the query-aware protocol).
 * ``{"cmd": "quit"}``.
 """
 
@@ -133,6 +136,51 @@ class Worker:
             with open(qa["examples_path"]) as f:
                 self.qa_examples = json.load(f)
         return out
+
+    def init_qa(self, threads: int, model_dir: str, examples_path: str) -> dict:
+        """QA only (no fidelity sequences): load the model folder and the examples' token ids."""
+        torch.set_num_threads(int(threads))
+        for impl in ("sdpa", "eager"):
+            self.qa_models[impl] = AutoModelForCausalLM.from_pretrained(
+                model_dir, attn_implementation=impl, dtype=torch.float32
+            ).eval()
+        with open(examples_path) as f:
+            self.qa_examples = json.load(f)
+        return {"versions": {"kvpress": _dist_version("kvpress"), "transformers": transformers.__version__,
+                             "torch": torch.__version__, "python": sys.version.split()[0]},
+                "threads": torch.get_num_threads()}
+
+    def qa_aware(self, press: str, ratio: float, max_new_tokens: int, stop_ids: list[int]) -> dict:
+        """Query-aware: context and question are one prefill under the press, then greedy decoding."""
+        model = self.qa_models["eager" if press in EAGER else "sdpa"]
+        stop = {int(s) for s in stop_ids}
+        preds, prefill, decode, kept = [], [], [], []
+        with torch.inference_mode():
+            for ex in self.qa_examples:
+                ids = torch.tensor([ex["context_ids"] + ex["question_ids"]])
+                n = ids.shape[1]
+                pr = make_press(press, float(ratio), n)
+                cache = DynamicCache()
+                t0 = time.perf_counter()
+                if pr is None:
+                    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                else:
+                    with pr(model):
+                        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                t1 = time.perf_counter()
+                kept.append(_mean_kept(cache))
+                nxt = int(logits[0, -1].argmax())
+                gen, step = [nxt], n
+                while nxt not in stop and len(gen) < max_new_tokens:
+                    logits = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache,
+                                   position_ids=torch.tensor([[step]]), use_cache=True).logits
+                    step += 1
+                    nxt = int(logits[0, -1].argmax())
+                    gen.append(nxt)
+                preds.append(gen)
+                prefill.append(t1 - t0)
+                decode.append(time.perf_counter() - t1)
+        return {"predictions": preds, "prefill_s": prefill, "decode_s": decode, "kept_after_prefill": kept}
 
     def _teacher_force(self, name: str, ratio: float):
         model = self.models["eager" if name in EAGER else "sdpa"]
