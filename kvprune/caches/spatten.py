@@ -58,7 +58,6 @@ class SpAttenLayer(StepwiseLayer):
     """KV of the tokens (and KV heads) present at one layer; slots are unordered, masks come from positions."""
 
     METHOD = "SpAtten"
-    is_spatten = True
 
     def __init__(self, layer_idx: int, cache: SpAttenCache) -> None:
         super().__init__()

@@ -6,6 +6,7 @@ Their length is the number of tokens seen; per-token state lives in ``[B, T, ...
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -109,6 +110,12 @@ class StepwiseCache(Cache):
     token_valid: torch.Tensor | None
     #: True while kvprune's step forward runs; an update from any other forward is refused
     driven: bool = False
+    #: the method's step through the decoder stack, ``(base, cache, input_ids, attention_mask, position_ids,
+    #: inputs_embeds) -> model output``; set by the method's factory in ``kvprune.integrations``
+    step_forward: Callable[..., Any] | None = None
+    #: attention a layer computes itself, ``(layer, query, backend, scaling, sliding_window) -> [B, q, Hq, Dv]``,
+    #: which kvprune's attention function then delegates to (SpAtten); None: the shared attention path
+    layer_attention: Callable[..., torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         if not self.driven:

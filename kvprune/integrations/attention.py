@@ -249,10 +249,9 @@ def kvprune_attention(
     b, _, q, _ = query.shape
     s = key.shape[-2]
     layer: PruningLayer | None = getattr(key, "_kvprune_layer", None)
-    if getattr(layer, "is_spatten", False) and layer.pending == q:
-        from .spatten import spatten_attention
-
-        return spatten_attention(layer, query, backend, scaling, sliding_window), None
+    own = getattr(getattr(layer, "cache", None), "layer_attention", None)
+    if own is not None and layer.pending == q:  # a method whose layers compute attention themselves (SpAtten)
+        return own(layer, query, backend, scaling, sliding_window), None
     if layer is not None and layer.pending == q:
         if q == 1 and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and bool(attention_mask[:, -1].all()):
             new_valid = None  # the common decode step: the new token is real in every row

@@ -1,6 +1,7 @@
-"""One wrapper on the decoder stack's forward that hands LazyLLM and SpAtten caches to their own step.
+"""One wrapper on the decoder stack's forward that hands a stepwise cache (LazyLLM, SpAtten) to its own step.
 
-Any other cache (or none) runs the model's original forward untouched.
+The cache declares its step (``cache.step_forward``, set by the method's factory); any other cache (or none)
+runs the model's original forward untouched.
 """
 
 from __future__ import annotations
@@ -10,16 +11,11 @@ from typing import Any
 
 import torch
 
-from ..caches.lazy import LazyCache
-from ..caches.spatten import SpAttenCache
 from .compat import pop_cache, with_cache
 
 
 def prepare_stepwise(model: torch.nn.Module) -> torch.nn.Module:
-    """Wrap ``model.model.forward`` once (idempotent): LazyCache -> lazy_forward, SpAttenCache -> spatten_forward."""
-    from .lazyllm import lazy_forward
-    from .spatten import spatten_forward
-
+    """Wrap ``model.model.forward`` once (idempotent): a cache with a ``step_forward`` runs that step instead."""
     base = model.model
     if getattr(base, "_kvprune_stepwise", False):
         return model
@@ -27,8 +23,8 @@ def prepare_stepwise(model: torch.nn.Module) -> torch.nn.Module:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs: Any):
         cache = pop_cache(kwargs)  # ``cache`` from transformers 5.24 on, ``past_key_values`` before
-        if isinstance(cache, (LazyCache, SpAttenCache)):
-            step = lazy_forward if isinstance(cache, LazyCache) else spatten_forward
+        step = getattr(cache, "step_forward", None)
+        if step is not None:
             cache.driven = True  # the cache refuses updates from any other forward
             try:
                 return step(self, cache, input_ids, attention_mask, position_ids, inputs_embeds)

@@ -19,43 +19,9 @@ from ..caches.lazy import LazyCache
 from ..errors import InvalidParameterError
 from ..policies.lazyllm import LazyLLM
 from .compat import base_output, with_cache
-from .models import check_architecture, prepare_model
-
-
-def _pack_left(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Positions where ``mask [B, T]`` is true, ascending, left-padded with -1 to the widest row; and whether
-    any row needed padding."""
-    counts = mask.sum(-1)
-    width = int(counts.max())
-    if bool((counts == width).all()):  # no padding needed (always so for one row): nonzero is row-major, ascending
-        packed = mask.nonzero()[:, 1].view(mask.shape[0], width)
-        return packed, torch.ones_like(packed, dtype=torch.bool), False
-    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    packed = torch.where(mask, pos, -1).sort(dim=-1).values[:, mask.shape[1] - width :]
-    return packed, packed >= 0, True
-
-
-def step_inputs(
-    base: torch.nn.Module,
-    n_seen: int,
-    input_ids: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    inputs_embeds: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A step's new tokens as ``(embeddings [B, q, D] (a fresh tensor), real [B, q], RoPE positions [B, q])``."""
-    embeds = base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.clone()
-    b, q, _ = embeds.shape
-    if attention_mask is None:
-        valid = torch.ones((b, q), dtype=torch.bool, device=embeds.device)
-    else:
-        valid = attention_mask[:, -q:].to(torch.bool)
-    if position_ids is None:
-        if attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
-        else:
-            position_ids = torch.arange(n_seen, n_seen + q, device=embeds.device)
-    return embeds, valid, position_ids.expand(b, q).to(embeds.device)
+from .forward import prepare_stepwise
+from .prepare import check_architecture, prepare_model
+from .stepping import pack_left, step_inputs
 
 
 @torch.no_grad()
@@ -90,7 +56,7 @@ def lazy_forward(
         if carried is None or not torch.equal(todo, carried):
             if carried is not None:
                 cache.hidden[bi, pi] = hidden[qvalid].to(cache.hidden.dtype)
-            qpos, qvalid, padded = _pack_left(todo)
+            qpos, qvalid, padded = pack_left(todo)
             src = qpos.clamp(min=0)
             hidden = cache.hidden.gather(1, src[..., None].expand(-1, -1, d))
             rope = cache.rope_pos.gather(1, src)
@@ -127,8 +93,6 @@ def lazy_forward(
 def prepare_lazy(model: torch.nn.Module) -> torch.nn.Module:
     """Route ``model``'s attention through kvprune and its decoder stack through :func:`lazy_forward`
     whenever the cache passed is a :class:`LazyCache` (any other cache runs the original forward)."""
-    from .forward import prepare_stepwise
-
     prepare_model(model)
     return prepare_stepwise(model)
 
@@ -140,5 +104,6 @@ def make_lazy_cache(model: torch.nn.Module, policy: LazyLLM | None = None, **par
         raise InvalidParameterError("pass parameters either to the LazyLLM object or by name, not both")
     policy = policy or LazyLLM(**params)
     cache = LazyCache(policy, model.config.num_hidden_layers)  # validates the schedule before the model changes
+    cache.step_forward = lazy_forward
     prepare_lazy(model)
     return cache

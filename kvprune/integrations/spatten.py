@@ -18,12 +18,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..caches.quant import QTensor
 from ..caches.spatten import SpAttenCache, SpAttenLayer
-from ..policies.spatten import SpAtten
+from ..errors import InvalidParameterError
 from ..policies.base import rank_grid
+from ..policies.spatten import SpAtten
 from .attention import BLOCK_ELEMENTS
 from .compat import base_output, with_cache
-from .lazyllm import _pack_left, step_inputs
-from .models import check_architecture, prepare_model
+from .forward import prepare_stepwise
+from .prepare import check_architecture, prepare_model
+from .stepping import pack_left, step_inputs
 
 
 @torch.no_grad()
@@ -46,7 +48,7 @@ def spatten_forward(
     cache.step_full_pairs = int((k_new * n_valid - k_new * (k_new - 1) // 2).sum()) * cache.num_heads
     rows = torch.arange(b, device=hidden.device)[:, None]
     for idx, layer in enumerate(base.layers[: len(cache.layers)]):
-        local, qvalid, _ = _pack_left(valid & (cache.depth[:, start:] > idx))
+        local, qvalid, _ = pack_left(valid & (cache.depth[:, start:] > idx))
         src = local.clamp(min=0)
         h = hidden.gather(1, src[..., None].expand(-1, -1, d))
         rope = position_ids.gather(1, src)
@@ -194,20 +196,17 @@ def make_spatten_cache(model: torch.nn.Module, policy: SpAtten | None = None, bu
     ``budget`` (optional) is the fraction of the full cache's KV memory to keep, averaged over layers:
     it sets ``token_ratio`` (:meth:`SpAtten.for_memory`); otherwise ``token_ratio`` is used as given.
     """
-    from .forward import prepare_stepwise
-
     check_architecture(model.config)
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     n_layers = config.num_hidden_layers
     if policy is None:
         policy = SpAtten.for_memory(budget, n_layers, **params) if budget is not None else SpAtten(**params)
     elif budget is not None or params:
-        from ..errors import InvalidParameterError
-
         raise InvalidParameterError("pass SpAtten parameters either in the policy object or as keywords/budget, not both")
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     cache = SpAttenCache(policy, n_layers, n_heads, n_kv)  # validates the schedules before the model changes
+    cache.step_forward, cache.layer_attention = spatten_forward, spatten_attention
     prepare_model(model, backend)
     prepare_stepwise(model)
     return cache
