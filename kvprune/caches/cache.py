@@ -37,7 +37,9 @@ class PruningCache(Cache):
 
     ``policy`` is a name (``"a2sf"``, ``"h2o"``, ...) with its parameters as keyword arguments, or a
     :class:`~kvprune.policies.Policy`. ``budget`` is slots per (row, KV head): an int, or a float
-    ratio of the tokens seen. The model must be prepared (``kvprune.prepare_model``) so that its
+    ratio of the tokens seen. ``evict_every=k`` evicts at one-token steps only when the tokens seen are a
+    multiple of ``k``, a block at once (the prompt always): a row then holds at most ``budget + k - 1`` slots,
+    and exactly its budget after every k-th token. The model must be prepared (``kvprune.prepare_model``) so that its
     attention reaches kvprune; ``kvprune.make_cache(model, ...)`` does both.
     """
 
@@ -49,6 +51,7 @@ class PruningCache(Cache):
         config: PretrainedConfig | None = None,
         num_layers: int | None = None,
         prefill_only: bool = False,
+        evict_every: int = 1,
         **policy_params: Any,
     ) -> None:
         self.policy = build_policy(policy, **policy_params)
@@ -74,10 +77,14 @@ class PruningCache(Cache):
             )
         if not isinstance(prefill_only, bool):
             raise InvalidParameterError(f"prefill_only is True or False; got {prefill_only!r}")
+        if isinstance(evict_every, bool) or not isinstance(evict_every, int) or not 1 <= evict_every <= 4096:
+            raise InvalidParameterError(f"evict_every is an integer number of decode steps in 1..4096; got {evict_every!r}")
         self.prefill_only = prefill_only
+        self.evict_every = evict_every
         super().__init__(layers=[PruningLayer(i, self.policy, self.budget) for i in range(num_layers)])
         for layer in self.layers:
             layer.prefill_only = prefill_only
+            layer.evict_every = evict_every
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -126,4 +133,5 @@ class PruningCache(Cache):
 
     def __repr__(self) -> str:
         once = ", prefill_only=True" if self.prefill_only else ""
+        once += f", evict_every={self.evict_every}" if self.evict_every != 1 else ""
         return f"PruningCache(policy={self.policy!r}, budget={self.budget!r}{once}, layers={len(self.layers)})"

@@ -99,6 +99,7 @@ class PruningLayer(CacheLayerMixin):
         self.policy = policy
         self.budget = budget
         self.prefill_only = False  # set by the cache: evict once, after the first forward
+        self.evict_every = 1  # set by the cache: one-token steps evict every this many tokens seen
         self.reset()
 
     # -- transformers' layer contract --------------------------------------------------------
@@ -299,7 +300,8 @@ class PruningLayer(CacheLayerMixin):
         )
 
     def finish(self, obs: torch.Tensor | None) -> None:
-        """Fold the observation into the scores and evict down to the budget (once, with ``prefill_only``)."""
+        """Fold the observation into the scores and evict down to the budget (once, with ``prefill_only``;
+        at decode steps every ``evict_every`` tokens)."""
         if self.frozen:
             self.pending = 0
             return
@@ -308,8 +310,11 @@ class PruningLayer(CacheLayerMixin):
             scores = self.policy.update_scores(self.scores, obs, self.pending)
             if scores is not self.scores:
                 self.scores.copy_(scores)  # in place: the scores are a view of their buffer
-        self.pending = 0
-        self.evict()
+        q, self.pending = self.pending, 0
+        # amortised eviction: a one-token step evicts only every evict_every tokens (a block at once);
+        # a multi-token forward (the prompt) always does
+        if q > 1 or self.evict_every == 1 or self.n_seen % self.evict_every == 0:
+            self.evict()
         self.frozen = self.prefill_only
 
     def capacity(self) -> torch.Tensor | None:

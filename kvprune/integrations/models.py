@@ -27,6 +27,7 @@ def make_cache(
     *,
     backend: str | None = None,
     prefill_only: bool = False,
+    evict_every: int = 1,
     **policy_params: Any,
 ) -> PruningCache | LazyCache | SpAttenCache:
     """Prepare ``model`` and return a fresh cache for one ``generate`` conversation.
@@ -38,7 +39,8 @@ def make_cache(
     memory kept (averaged over layers), which sets the token pruning ratio.
     Every other policy returns a :class:`PruningCache`; ``prefill_only=True`` compresses the prompt to
     the budget once and then lets the cache grow without scoring or evicting (the SnapKV / kvpress
-    schedule: decode steps cost what a plain cache's do).
+    schedule: decode steps cost what a plain cache's do); ``evict_every=k`` evicts a block every ``k``
+    decode steps instead of one token per step (at most ``budget + k - 1`` slots per row and head).
     """
     check_architecture(model.config)
     if isinstance(policy, str):
@@ -50,8 +52,9 @@ def make_cache(
     if policy in ("lazyllm", "spatten"):
         check_params(policy, policy_params)  # unknown names are typed errors, not TypeErrors from a dataclass
 
-    if prefill_only and (isinstance(policy, (LazyLLM, SpAtten)) or policy in ("lazyllm", "spatten")):
-        raise InvalidParameterError("prefill_only applies to the eviction policies, not to LazyLLM or SpAtten")
+    stepwise = isinstance(policy, (LazyLLM, SpAtten)) or policy in ("lazyllm", "spatten")
+    if stepwise and (prefill_only or evict_every != 1):
+        raise InvalidParameterError("prefill_only and evict_every apply to the eviction policies, not to LazyLLM or SpAtten")
     if isinstance(policy, SpAtten) or policy == "spatten":
         return make_spatten_cache(model, policy if isinstance(policy, SpAtten) else None, budget, backend=backend, **policy_params)
 
@@ -59,6 +62,7 @@ def make_cache(
         if budget is not None:
             raise InvalidParameterError("LazyLLM prunes computation, not memory: it takes no budget (pass budget=None)")
         return make_lazy_cache(model, policy if isinstance(policy, LazyLLM) else None, **policy_params)
-    cache = PruningCache(policy, budget, config=model.config, prefill_only=prefill_only, **policy_params)
+    cache = PruningCache(policy, budget, config=model.config, prefill_only=prefill_only, evict_every=evict_every,
+                         **policy_params)
     prepare_model(model, backend)
     return cache

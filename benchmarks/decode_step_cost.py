@@ -1,0 +1,79 @@
+"""Decode-step cost of continuous eviction against the same cache without eviction, and amortised eviction.
+
+    python benchmarks/decode_step_cost.py --context 2048 --budget 256 --steps 60 --rounds 5 [--model smollm2]
+
+One thread, in-process; median ms per decode step over interleaved rounds (each round runs every cache
+once, after the same random prompt). Caches: ``DynamicCache``; each policy at the budget with eviction at
+every step (``evict_every=1``), with amortised eviction (``evict_every=k``), and without eviction after the
+prompt (``prefill_only=True``: the same kept keys, nothing scored or evicted while decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+import kvprune
+from kvprune.integrations.compat import with_cache
+
+
+def step_ms(model, ids, make, steps: int) -> float:
+    cache = make()
+    with torch.no_grad():
+        logits = model(input_ids=ids, **with_cache(cache), logits_to_keep=1).logits
+        nxt = logits[:, -1:].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(steps):
+            nxt = model(input_ids=nxt, **with_cache(cache)).logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - t) / steps * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--budget", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--policies", default="h2o,a2sf,streaming")
+    ap.add_argument("--every", default="8,32", help="evict_every values besides 1")
+    ap.add_argument("--model", default="demo", choices=["demo", "smollm2"])
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if args.model == "demo":
+        from kvprune.models import load_demo_model
+
+        model, _ = load_demo_model()
+    else:
+        from kvprune.models import load_smollm2
+
+        model, _ = load_smollm2()
+    ids = torch.randint(3, model.config.vocab_size, (1, args.context))
+    makers = {"DynamicCache": DynamicCache}
+    for p in args.policies.split(","):
+        makers[f"{p} prefill_only"] = lambda p=p: kvprune.make_cache(model, p, args.budget, prefill_only=True)
+        for k in [1, *[int(x) for x in args.every.split(",")]]:
+            makers[f"{p} evict_every={k}"] = lambda p=p, k=k: kvprune.make_cache(model, p, args.budget, evict_every=k)
+    times: dict[str, list[float]] = {name: [] for name in makers}
+    for _ in range(args.rounds):
+        for name, make in makers.items():
+            times[name].append(step_ms(model, ids, make, args.steps))
+    base = statistics.median(times["DynamicCache"])
+    print(f"{args.model}, {platform.machine()}, 1 thread, context {args.context}, budget {args.budget}, "
+          f"{args.steps} steps x {args.rounds} interleaved rounds")
+    print("| cache | ms / step (median) | vs DynamicCache | vs same policy prefill_only |")
+    print("|---|---|---|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        policy = name.split()[0]
+        ref = statistics.median(times[f"{policy} prefill_only"]) if f"{policy} prefill_only" in times else med
+        print(f"| {name} | {med:.2f} | {med / base:.2f}x | {med / ref:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
