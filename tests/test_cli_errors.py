@@ -95,3 +95,51 @@ def test_a_good_file_still_runs(tmp_path, capsys):
 def test_help_exits_zero(capsys):
     assert cli.main(["compare", "--help"]) == 0
     assert "--protocol" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "phrase"),
+    [
+        (["compare", "--lengths", "32"], "--lengths 32 is too short for the synthetic suite"),
+        (["compare", "--model", "smollm2", "--lengths", "200"], "too short for the real-text suite"),
+        (["generate", "--prompt", "   "], "--prompt is empty"),
+    ],
+)
+def test_more_bad_arguments(capsys, no_model, argv, phrase):
+    _one_line_error(capsys, argv, phrase)
+
+
+def test_out_is_a_file(tmp_path, capsys, no_model):
+    target = tmp_path / "taken"
+    target.write_text("x")
+    _one_line_error(capsys, ["compare", "--out", str(target)], "is a file; give a folder")
+
+
+def test_flash_attention_without_cuda(capsys, no_model):
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn and CUDA are present here")
+    _one_line_error(capsys, ["compare", "--attn", "flash_attention_2"], "backend 'flash_attention_2' needs")
+
+
+def test_lengths_beyond_the_model(capsys):
+    """Known only once the model is loaded (its positions), and still refused before any example is built."""
+    assert cli.main(["longqa", "--lengths", "100000", "--policy", "full"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("kvprune: error:")]
+    assert errors == ["kvprune: error: --lengths 100000 leaves no room to answer within this model's 2560 positions; "
+                      "give lengths <= 2496"]
+    assert "Traceback" not in err
+
+
+def test_run_qa_refuses_examples_without_answers():
+    from conftest import tiny_model
+
+    from kvprune.errors import InvalidParameterError
+    from kvprune.eval.qa import run_qa
+
+    with pytest.raises(InvalidParameterError, match="example 1 has no 'answer'"):
+        run_qa(tiny_model(), object(), [{"context": "a", "question": "b", "answer": "c"}, {"context": "a"}])

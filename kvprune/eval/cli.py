@@ -183,11 +183,21 @@ def _examples(args) -> list[dict[str, Any]] | None:
     return examples
 
 
+def _check_context(model, args) -> None:
+    """Refuse prompt lengths beyond the model's positions (after loading it, before any work)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    lengths = getattr(args, "lengths", None) or []
+    if limit and not getattr(args, "file", None) and lengths and max(lengths) + 64 > limit:
+        raise CLIError(f"--lengths {max(lengths)} leaves no room to answer within this model's {limit} positions; "
+                       f"give lengths <= {limit - 64}")
+
+
 def cmd_compare(args) -> int:
     from .compare import compare, plot_quality_vs_budget
 
     examples = _examples(args)
     model, tokenizer = load_model(args.model, args.attn)
+    _check_context(model, args)
     task = examples if examples is not None else _task_for(args, tokenizer)
     if task in ("longqa", "realtext") and tokenizer is None:
         raise CLIError(f"--task {task} needs a model with a tokenizer (demo, smollm2 or a model folder)")
@@ -225,6 +235,7 @@ def cmd_longqa(args) -> int:
 
     examples = _examples(args)
     model, tokenizer = load_model(args.model, args.attn)
+    _check_context(model, args)
     if tokenizer is None:
         raise CLIError("longqa needs a model with a tokenizer (demo, smollm2 or a model folder)")
     prompt = None
@@ -345,6 +356,15 @@ REALTEXT_DEFAULT_TASKS = ("niah_single", "niah_multikey", "vartrack")
 def _validate(args) -> None:
     """Checks that need several arguments together, before any model loads."""
     check_model_spec(args.model)
+    if args.attn == "flash_attention_2":
+        from ..integrations.prepare import check_backend
+
+        check_backend("flash_attention_2")  # flash-attn and CUDA, named in one line instead of a loader traceback
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise CLIError(f"--out {out!r} is a file; give a folder for compare.csv, compare.json and compare.png")
+    if getattr(args, "prompt", None) is not None and not args.prompt.strip():
+        raise CLIError("--prompt is empty; give the text to continue")
     realtext = args.model == "smollm2" or getattr(args, "task", None) == "realtext"
     if args.command == "compare":
         if args.n_examples is None:
@@ -361,6 +381,11 @@ def _validate(args) -> None:
                 raise CLIError(f"--tasks {','.join(unknown)}: unknown; valid here: {', '.join(valid)}")
     if getattr(args, "lengths", None) is None and hasattr(args, "lengths"):
         args.lengths = [1024] if realtext else ([512, 1024] if args.command == "compare" else [512])
+    if getattr(args, "lengths", None) and not getattr(args, "file", None):
+        shortest = 256 if realtext else 64
+        if min(args.lengths) < shortest:
+            raise CLIError(f"--lengths {min(args.lengths)} is too short for the {'real-text' if realtext else 'synthetic'} "
+                           f"suite; give prompt lengths >= {shortest} tokens")
     params = _params(getattr(args, "params", None))  # a CLIError on bad syntax
     budget = getattr(args, "budget", _OMITTED)
     policy = getattr(args, "policy", None)

@@ -122,6 +122,10 @@ def run_qa(
     ``max_new_tokens`` and ``match`` rule (see :func:`kvprune.eval.tasks.score_answer`) take precedence.
     """
     check_protocol(protocol)
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, dict) or not (ex.get("answers") or "answer" in ex):
+            raise InvalidParameterError(f"example {i} has no 'answer' (or 'answers'); each example is a dict with "
+                                        "'context', 'question' and 'answer'")
     device = next(model.parameters()).device
     stop_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     for s in stop_strings:
