@@ -183,10 +183,10 @@ def _examples(args) -> list[dict[str, Any]] | None:
     return examples
 
 
-def _check_context(model, args) -> None:
-    """Refuse prompt lengths beyond the model's positions (after loading it, before any work)."""
+def _check_context(model, args, task: Any = "longqa") -> None:
+    """Refuse prompt (or fidelity sequence) lengths beyond the model's positions (after loading it, before any work)."""
     limit = getattr(model.config, "max_position_embeddings", None)
-    lengths = getattr(args, "lengths", None) or []
+    lengths = [args.sequence_length] if task == "fidelity" else (getattr(args, "lengths", None) or [])
     if limit and not getattr(args, "file", None) and lengths and max(lengths) + 64 > limit:
         raise CLIError(f"--lengths {max(lengths)} leaves no room to answer within this model's {limit} positions; "
                        f"give lengths <= {limit - 64}")
@@ -197,8 +197,8 @@ def cmd_compare(args) -> int:
 
     examples = _examples(args)
     model, tokenizer = load_model(args.model, args.attn)
-    _check_context(model, args)
     task = examples if examples is not None else _task_for(args, tokenizer)
+    _check_context(model, args, task)
     if task in ("longqa", "realtext") and tokenizer is None:
         raise CLIError(f"--task {task} needs a model with a tokenizer (demo, smollm2 or a model folder)")
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
