@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from real_model_suite import wilson
 
-from kvprune.eval.qa import _split, run_qa
+from kvprune.eval.qa import split_prompt, run_qa
 from kvprune.eval.realtext import build_real_suite, chat_prompt, haystack_info
 from kvprune.eval.tasks import score_answer
 from kvprune.models import load_smollm2, smollm2_dir
@@ -64,7 +64,7 @@ def main() -> None:
     model, tok = load_smollm2()
     examples = build_real_suite(tok, seed=args.seed, n_per_task=args.n, lengths=[1024], tasks=args.tasks.split(","))
     prompt = chat_prompt(tok)
-    parts = [_split(tok, ex, prompt(ex)) for ex in examples]
+    parts = [split_prompt(tok, ex, prompt(ex)) for ex in examples]
     stop = [tok.eos_token_id]
     max_new = max(int(ex["max_new_tokens"]) for ex in examples)
     with tempfile.TemporaryDirectory() as tmp:

@@ -104,11 +104,39 @@ def plot(paths: list[Path], out: Path, min_full: float = 0.5) -> None:
     fig.savefig(out, dpi=110)
 
 
+def matrix(paths: list[Path], min_full: float = 0.5) -> str:
+    """One row per method, one column per (protocol, budget): accuracy (n) over the tasks the full cache can do."""
+    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
+    full: dict[tuple, list[int]] = {}
+    for r in rows:
+        if r["policy"] == "full":
+            full.setdefault((r["length"], r["protocol"], r["task"]), []).append(int(r["correct"]))
+    usable = {k for k, v in full.items() if sum(v) / len(v) >= min_full}
+    acc: dict[tuple, list[int]] = {}
+    for r in rows:
+        if (r["length"], r["protocol"], r["task"]) in usable and not r.get("params"):
+            acc.setdefault((r["policy"], r["protocol"], r["budget"]), []).append(int(r["correct"]))
+    cols = sorted({(p, b) for (_, p, b) in acc if b is not None})
+    head = "| method | " + " | ".join(f"{p.replace('query_', 'q-')} {b}" for p, b in cols) + " |"
+    out = [head, "|---|" + "---|" * len(cols)]
+    order = sorted({m for m, _, _ in acc}, key=lambda m: (m != "full", m != "lazyllm", m))
+    for m in order:
+        cells = []
+        for p, b in cols:
+            v = acc.get((m, p, b)) or acc.get((m, p, None))
+            cells.append("-" if not v else f"{sum(v) / len(v):.2f}")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    ns = sorted({len(v) for v in acc.values()})
+    out.append(f"\n(examples per cell: {', '.join(map(str, ns))}; full and lazyllm take no budget: their one value is repeated)")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/real_model_suite.jsonl"))
     ap.add_argument("--summarise", type=Path, help="print the summary tables of a results file and exit")
     ap.add_argument("--plot", type=Path, nargs="+", help="results files to plot into --out (a PNG) and exit")
+    ap.add_argument("--matrix", type=Path, nargs="+", help="print a method x (protocol, budget) table and exit")
     ap.add_argument("--lengths", default="1024")
     ap.add_argument("--n", type=int, default=8, help="examples per task and length")
     ap.add_argument("--seed", type=int, default=0)
@@ -124,6 +152,9 @@ def main() -> None:
         return
     if args.plot:
         plot(args.plot, args.out)
+        return
+    if args.matrix:
+        print(matrix(args.matrix))
         return
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import kvprune
-from kvprune.eval.fidelity import _teacher_force, fidelity, fidelity_metrics, full_reference, sample_sequences
+from kvprune.eval.fidelity import fidelity, fidelity_metrics, full_reference, sample_sequences, teacher_forced_log_probs
 from kvprune.models.llama2c import default_stories260k_path, load_llama2c
 
 CONFIGS: list[tuple[str, dict]] = [
@@ -48,7 +48,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for label, params in CONFIGS:
         cache = kvprune.make_cache(model, "spatten", **params)
-        lp, *_ = _teacher_force(model, seqs, cache, prompt)
+        lp = teacher_forced_log_probs(model, seqs, cache, prompt_len=prompt)
         m = fidelity_metrics(lp, ref.log_probs, seqs[:, prompt:])
         s = cache.spatten_stats()
         print(f"| {label} | {m['nll_increase']:.4f} | {m['greedy_agreement']:.3f} | {s['attention_compute_fraction']:.3f} | "

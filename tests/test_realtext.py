@@ -8,7 +8,7 @@ import re
 import pytest
 
 from kvprune.errors import InvalidParameterError, KVPruneError
-from kvprune.eval.qa import _split
+from kvprune.eval.qa import split_prompt
 from kvprune.eval.realtext import (
     REAL_TASKS,
     build_real_suite,
@@ -68,7 +68,7 @@ def test_chat_prompt_splits_after_the_context():
     ex = real_example("niah_single", 512, seed=0, tokenizer=TOK)
     text = chat_prompt(TOK)(ex)
     assert text.startswith("<|im_start|>user\n") and text.endswith(ex["prefix"] + " ")
-    context_ids, question_ids = _split(TOK, ex, text)
+    context_ids, question_ids = split_prompt(TOK, ex, text)
     assert len(context_ids) > 10 * len(question_ids) > 0
     assert context_ids + question_ids == TOK.encode(text[: text.find(ex["context"]) + len(ex["context"])]) + TOK.encode(
         text[text.find(ex["context"]) + len(ex["context"]) :])

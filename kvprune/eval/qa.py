@@ -88,7 +88,7 @@ def greedy_decode(
     return torch.cat(out, 1), t1 - t0, time.perf_counter() - t1
 
 
-def _split(tokenizer: Any, example: dict[str, Any], text: str) -> tuple[list[int], list[int]]:
+def split_prompt(tokenizer: Any, example: dict[str, Any], text: str) -> tuple[list[int], list[int]]:
     """Token ids of the prompt up to the end of the context (with special tokens) and of the rest (the
     question, and for chat prompts the template's tail and answer prefix)."""
     context = example.get("context")
@@ -132,7 +132,7 @@ def run_qa(
         ids = tokenizer.encode(s, add_special_tokens=False)
         stop_ids.update(ids[-1:])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    parts = [_split(tokenizer, ex, prompt(ex)) for ex in examples]
+    parts = [split_prompt(tokenizer, ex, prompt(ex)) for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: (len(parts[i][0]), len(parts[i][1])))  # similar lengths share a batch
     answers: dict[int, Answer] = {}
     for start in range(0, len(order), batch_size):
