@@ -102,6 +102,10 @@ def main() -> None:
                                  prefill_only=True, **params)
                     ok += ans[0].correct
                 results[(protocol, r, "kvprune", policy)] = ok
+            for (pp, rr, side, method), k in results.items():  # this block's rows now, so a partial run keeps them
+                if pp == protocol and rr == r:
+                    print(f"partial | {protocol} | {r} | {side} | {method} | {k}/{len(examples)} |", file=sys.stderr,
+                          flush=True)
             print(f"done {protocol} r={r}", file=sys.stderr, flush=True)
     assert worker.proc.stdin
     worker.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")

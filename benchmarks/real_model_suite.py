@@ -79,7 +79,7 @@ def plot(paths: list[Path], out: Path, min_full: float = 0.5) -> None:
             full.setdefault((r["protocol"], r["task"]), []).append(int(r["correct"]))
     usable = {k for k, v in full.items() if sum(v) / len(v) >= min_full}
     protocols = sorted({r["protocol"] for r in rows})
-    fig, axes = plt.subplots(1, len(protocols), figsize=(6.2 * len(protocols), 4.4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(protocols), figsize=(6.2 * len(protocols) + 1.6, 4.4), sharey=True, squeeze=False)
     for ax, protocol in zip(axes[0], protocols):
         acc: dict[tuple, list[int]] = {}
         for r in rows:
@@ -99,7 +99,7 @@ def plot(paths: list[Path], out: Path, min_full: float = 0.5) -> None:
         ax.set_xlabel("KV budget (fraction of tokens; SpAtten: of KV memory)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (tasks the full cache can do)")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
