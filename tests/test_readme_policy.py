@@ -64,3 +64,18 @@ def test_a_taken_name_is_refused():
         @dataclass
         class Lazy(Policy):
             name = "lazyllm"
+
+
+def test_one_registry_answers_every_dispatch_question():
+    """Name (any case) or configuration object -> configuration class and budget kind, for every method."""
+    import pytest
+
+    from kvprune.errors import UnknownPolicyError
+    from kvprune.policies import H2O, LazyLLM, SpAtten, budget_kind, method_config
+
+    assert method_config("LazyLLM") is LazyLLM and method_config(SpAtten()) is SpAtten and method_config(H2O()) is H2O
+    assert [budget_kind(m) for m in ("h2o", "full", "lazyllm", "SpAtten")] == ["tokens", "none", "none", "kv_fraction"]
+    for bad in ("lru", 3, object()):
+        with pytest.raises(UnknownPolicyError):
+            method_config(bad)
+    assert set(methods()) == set(POLICIES) | {"lazyllm", "spatten"}

@@ -90,10 +90,12 @@ class PruningCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # the attention module calling us says which attention function runs next; if it is not kvprune's,
-        # nothing would evict after this forward, so refuse before anything is stored
-        caller = None if torch.compiler.is_compiling() else sys._getframe(1).f_locals.get("self")
-        config = getattr(caller, "config", None) if isinstance(caller, torch.nn.Module) else None
-        config = config if config is not None else self.config
+        # nothing would evict after this forward, so refuse before anything is stored (once per forward: layer 0)
+        config = None
+        if layer_idx == 0:
+            caller = None if torch.compiler.is_compiling() else sys._getframe(1).f_locals.get("self")
+            config = getattr(caller, "config", None) if isinstance(caller, torch.nn.Module) else None
+            config = config if config is not None else self.config
         if config is not None:
             impl = str(getattr(config, "_attn_implementation", None))
             if not impl.startswith(ATTN_PREFIX):
@@ -111,6 +113,9 @@ class PruningCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    #: evicted tokens cannot be rolled back: ``generate`` refuses assisted/prompt-lookup decoding up front
+    refuses_rollback = True
 
     def crop(self, *args: Any, **kwargs: Any) -> None:
         self.layers[0].crop(0)

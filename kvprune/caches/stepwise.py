@@ -137,6 +137,9 @@ class StepwiseCache(Cache):
         q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
         return self.n_seen + q, 0
 
+    #: what was pruned was never kept: ``generate`` refuses assisted/prompt-lookup decoding up front
+    refuses_rollback = True
+
     def crop(self, *args: Any, **kwargs: Any) -> None:
         self.layers[0].crop(0)  # raises UnsupportedGenerationModeError
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..policies import METHODS, methods
+from ..policies import METHODS, budget_kind, methods
 from .compare import DEFAULT_POLICIES
 from .qa import PROTOCOLS
 
@@ -103,11 +103,9 @@ _OMITTED: Any = object()  # --budget not given
 
 
 def _policy_budget(policy: str, budget: int | float | None, default: int | float) -> int | float | None:
-    """``--budget`` as given, or when omitted: none for unbudgeted policies (full, lazyllm), else ``default``."""
-    from .compare import UNBUDGETED
-
+    """``--budget`` as given, or when omitted: none for methods without a budget (full, lazyllm), else ``default``."""
     if budget is _OMITTED:
-        return None if policy in UNBUDGETED else default
+        return None if budget_kind(policy) == "none" else default
     return budget
 
 
@@ -390,9 +388,7 @@ def _validate(args) -> None:
     budget = getattr(args, "budget", _OMITTED)
     policy = getattr(args, "policy", None)
     if policy is not None and budget is not _OMITTED:
-        from .compare import UNBUDGETED
-
-        if policy in UNBUDGETED and budget is not None:
+        if budget_kind(policy) == "none" and budget is not None:
             raise CLIError(f"--policy {policy} takes no budget (it keeps every token in memory); drop --budget or "
                            "pass --budget none")
     if policy is not None and params:

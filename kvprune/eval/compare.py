@@ -11,14 +11,12 @@ import pandas as pd
 import torch
 
 from ..errors import InvalidBudgetError
-from ..policies import check_params, methods
+from ..policies import budget_kind, check_params, methods
 
 DEFAULT_POLICIES: tuple[str, ...] = (
     "a2sf", "h2o", "spatten", "lazyllm", "tova", "snapkv", "observed", "keydiff", "streaming", "knorm", "random",
 )
 DEFAULT_BUDGETS: tuple[float, ...] = (0.1, 0.25, 0.5)
-#: policies that take no KV budget: run once, reported with budget NaN
-UNBUDGETED = ("full", "lazyllm")
 COLUMNS = ["task", "protocol", "policy", "budget", "metric", "value", "kv_bytes", "prefill_s", "decode_s", "n"]
 #: small protected windows so that low budgets on short documents stay valid
 #: SpAtten prunes from layer 1 on, so that small models (4-6 layers) can reach low KV fractions
@@ -135,8 +133,9 @@ def compare(
     if task in ("longqa", "realtext") and tokenizer is None:
         raise InvalidParameterError(f"task {task!r} needs the model's tokenizer")
     runs: list[tuple[str, int | float | None]] = [("full", None)] if include_full else []
-    runs += [(p, None) for p in policies if p in UNBUDGETED and p != "full"]
-    runs += [(p, b) for p in policies if p not in UNBUDGETED for b in budgets]
+    # methods that take no KV budget (full, LazyLLM) run once, reported with budget NaN
+    runs += [(p, None) for p in policies if budget_kind(p) == "none" and p != "full"]
+    runs += [(p, b) for p in policies if budget_kind(p) != "none" for b in budgets]
 
     if task == "fidelity":
         from .fidelity import full_reference, sample_sequences
@@ -183,7 +182,7 @@ def compare(
         try:
             produced = work(policy, budget, proto, tick or (lambda n: None))
         except InvalidBudgetError as e:
-            if policy != "spatten":
+            if budget_kind(policy) != "kv_fraction":
                 raise
             # SpAtten's early layers keep every token: a low KV fraction can be out of its reach
             warnings.warn(f"spatten skipped at budget {budget}: {e}", stacklevel=2)
@@ -203,7 +202,7 @@ def compare(
 def _absolute(budget: int | float | None, length: int, policy: str = "") -> int | float | None:
     """Fidelity sequences have a fixed length, so a ratio is turned into a fixed token count
     (SpAtten keeps its ratio: it is the fraction of KV memory kept, averaged over layers)."""
-    if budget is None or isinstance(budget, int) or policy == "spatten":
+    if budget is None or isinstance(budget, int) or budget_kind(policy) == "kv_fraction":
         return budget
     return max(1, round(budget * length))
 

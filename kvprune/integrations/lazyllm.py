@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..caches.lazy import LazyCache
 from ..errors import InvalidParameterError
+from ..policies import build_config
 from ..policies.lazyllm import LazyLLM
 from .compat import base_output, with_cache
 from .forward import prepare_stepwise
@@ -90,20 +91,19 @@ def lazy_forward(
     return base_output(final, cache)
 
 
-def prepare_lazy(model: torch.nn.Module) -> torch.nn.Module:
-    """Route ``model``'s attention through kvprune and its decoder stack through :func:`lazy_forward`
-    whenever the cache passed is a :class:`LazyCache` (any other cache runs the original forward)."""
-    prepare_model(model)
-    return prepare_stepwise(model)
-
-
-def make_lazy_cache(model: torch.nn.Module, policy: LazyLLM | None = None, **params: Any) -> LazyCache:
+def make_lazy_cache(model: torch.nn.Module, policy: LazyLLM | str | None = None, budget: None = None, *,
+                    backend: str | None = None, **params: Any) -> LazyCache:
     """Prepare ``model`` for LazyLLM and return a fresh :class:`LazyCache` (one per conversation)."""
     check_architecture(model.config)
-    if policy is not None and params:
-        raise InvalidParameterError("pass parameters either to the LazyLLM object or by name, not both")
-    policy = policy or LazyLLM(**params)
+    if budget is not None:
+        raise InvalidParameterError("LazyLLM prunes computation, not memory: it takes no budget (pass budget=None)")
+    if isinstance(policy, LazyLLM):
+        if params:
+            raise InvalidParameterError("pass parameters either to the LazyLLM object or by name, not both")
+    else:
+        policy = build_config(LazyLLM, params)
     cache = LazyCache(policy, model.config.num_hidden_layers)  # validates the schedule before the model changes
     cache.step_forward = lazy_forward
-    prepare_lazy(model)
+    prepare_model(model, backend)
+    prepare_stepwise(model)
     return cache

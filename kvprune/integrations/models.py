@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,15 +10,19 @@ import torch
 from ..caches import Budget, PruningCache
 from ..caches.lazy import LazyCache
 from ..caches.spatten import SpAttenCache
-from ..errors import InvalidParameterError, UnknownPolicyError
-from ..policies import Policy, check_params, methods
+from ..errors import InvalidParameterError
+from ..policies import Policy, method_config
 from ..policies.lazyllm import LazyLLM
 from ..policies.spatten import SpAtten
 from .lazyllm import make_lazy_cache
 from .prepare import SUPPORTED_MODEL_TYPES, check_architecture, check_backend, prepare_model
 from .spatten import make_spatten_cache
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "check_architecture", "make_cache", "prepare_model"]
+__all__ = ["STEPWISE_FACTORIES", "SUPPORTED_MODEL_TYPES", "check_architecture", "make_cache", "prepare_model"]
+
+#: the cache factory of each method that is not a ``PruningCache`` policy, by its registered configuration class
+#: (``kvprune.policies.base.STEPWISE``); every eviction policy builds a ``PruningCache``
+STEPWISE_FACTORIES: dict[type, Callable[..., Any]] = {LazyLLM: make_lazy_cache, SpAtten: make_spatten_cache}
 
 
 def make_cache(
@@ -43,25 +48,15 @@ def make_cache(
     decode steps instead of one token per step (at most ``budget + k - 1`` slots per row and head).
     """
     check_architecture(model.config)
-    if isinstance(policy, str):
-        if policy.lower() not in methods():
-            raise UnknownPolicyError(f"unknown method {policy!r}; valid names (any case): {', '.join(methods())}")
-        policy = policy.lower()
+    config = method_config(policy)  # the registry: a typed error for an unknown name
+    policy = policy.lower() if isinstance(policy, str) else policy
     if backend is not None:
         check_backend(backend)
-    if policy in ("lazyllm", "spatten"):
-        check_params(policy, policy_params)  # unknown names are typed errors, not TypeErrors from a dataclass
-
-    stepwise = isinstance(policy, (LazyLLM, SpAtten)) or policy in ("lazyllm", "spatten")
-    if stepwise and (prefill_only or evict_every != 1):
-        raise InvalidParameterError("prefill_only and evict_every apply to the eviction policies, not to LazyLLM or SpAtten")
-    if isinstance(policy, SpAtten) or policy == "spatten":
-        return make_spatten_cache(model, policy if isinstance(policy, SpAtten) else None, budget, backend=backend, **policy_params)
-
-    if isinstance(policy, LazyLLM) or policy == "lazyllm":
-        if budget is not None:
-            raise InvalidParameterError("LazyLLM prunes computation, not memory: it takes no budget (pass budget=None)")
-        return make_lazy_cache(model, policy if isinstance(policy, LazyLLM) else None, **policy_params)
+    factory = STEPWISE_FACTORIES.get(config)
+    if factory is not None:
+        if prefill_only or evict_every != 1:
+            raise InvalidParameterError("prefill_only and evict_every apply to the eviction policies, not to LazyLLM or SpAtten")
+        return factory(model, policy, budget, backend=backend, **policy_params)
     cache = PruningCache(policy, budget, config=model.config, prefill_only=prefill_only, evict_every=evict_every,
                          **policy_params)
     prepare_model(model, backend)

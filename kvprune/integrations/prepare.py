@@ -11,9 +11,7 @@ from typing import Any
 
 import torch
 
-from ..caches import ATTN_PREFIX, PruningCache
-from ..caches.lazy import LazyCache
-from ..caches.spatten import SpAttenCache
+from ..caches import ATTN_PREFIX
 from ..errors import InvalidParameterError, UnsupportedArchitectureError
 from .attention import BACKENDS, register
 
@@ -51,7 +49,7 @@ def _guard_generate(model: torch.nn.Module) -> None:
     @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if isinstance(cache, (PruningCache, LazyCache, SpAttenCache)):
+        if getattr(cache, "refuses_rollback", False):  # every kvprune cache declares it
             configs = [kwargs, vars(kwargs.get("generation_config") or model.generation_config)]
             if any(c.get(name) is not None for c in configs for name in _ROLLBACK_MODES):
                 cache.crop(0)  # raises the cache's UnsupportedGenerationModeError

@@ -19,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from ..caches.quant import QTensor
 from ..caches.spatten import SpAttenCache, SpAttenLayer
 from ..errors import InvalidParameterError
+from ..policies import build_config
 from ..policies.base import rank_grid
 from ..policies.spatten import SpAtten
 from .attention import BLOCK_ELEMENTS
@@ -189,7 +190,7 @@ def spatten_attention(
     return out.transpose(1, 2).contiguous()
 
 
-def make_spatten_cache(model: torch.nn.Module, policy: SpAtten | None = None, budget: float | None = None,
+def make_spatten_cache(model: torch.nn.Module, policy: SpAtten | str | None = None, budget: float | None = None,
                        *, backend: str | None = None, **params: Any) -> SpAttenCache:
     """Prepare ``model`` for SpAtten and return a fresh :class:`SpAttenCache` (one per conversation).
 
@@ -199,7 +200,8 @@ def make_spatten_cache(model: torch.nn.Module, policy: SpAtten | None = None, bu
     check_architecture(model.config)
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     n_layers = config.num_hidden_layers
-    if policy is None:
+    if not isinstance(policy, SpAtten):
+        build_config(SpAtten, params)  # unknown or invalid parameters: a typed error
         policy = SpAtten.for_memory(budget, n_layers, **params) if budget is not None else SpAtten(**params)
     elif budget is not None or params:
         raise InvalidParameterError("pass SpAtten parameters either in the policy object or as keywords/budget, not both")

@@ -7,14 +7,16 @@ from typing import Any
 
 from ..errors import InvalidParameterError, UnknownPolicyError
 from .a2sf import A2SF
-from .base import OBSERVATIONS, REGISTRY, RESERVED, Observation, Policy
+from .base import OBSERVATIONS, REGISTRY, STEPWISE, Observation, Policy
 from .full import FullCache
 from .h2o import H2O
 from .keydiff import KeyDiff
 from .knorm import KNorm
+from .lazyllm import LazyLLM  # noqa: F401 - registers the method
 from .observed import ObservedAttention
 from .random import RandomPolicy
 from .snapkv import SnapKV
+from .spatten import SpAtten  # noqa: F401 - registers the method
 from .streaming import StreamingLLM
 from .tova import TOVA
 
@@ -25,11 +27,30 @@ POLICIES: dict[str, type[Policy]] = REGISTRY
 
 def methods() -> tuple[str, ...]:
     """Every method ``kvprune.make_cache`` accepts by name now: the registered policies, LazyLLM and SpAtten."""
-    return tuple(sorted({*POLICIES, *RESERVED}))
+    return tuple(sorted({*POLICIES, *STEPWISE}))
 
 
 #: the built-in methods (``methods()`` also lists policies registered later)
 METHODS: tuple[str, ...] = methods()
+
+
+def method_config(method: str | object) -> type:
+    """The configuration class of a method given by name (any case) or as a configuration object: the one
+    lookup every caller dispatches through (cache factory, budget kind, parameters)."""
+    if isinstance(method, str):
+        cls = POLICIES.get(method.lower()) or STEPWISE.get(method.lower())
+        if cls is None:
+            raise UnknownPolicyError(f"unknown method {method!r}; valid names (any case): {', '.join(methods())}")
+        return cls
+    if type(method) in STEPWISE.values() or isinstance(method, Policy):
+        return type(method)
+    raise UnknownPolicyError(f"unknown method {method!r}; give a name ({', '.join(methods())}) or a configuration object")
+
+
+def budget_kind(method: str | object) -> str:
+    """What a budget means for ``method``: ``"tokens"`` (an int, or a ratio of tokens seen), ``"kv_fraction"``
+    (SpAtten: the fraction of KV memory kept) or ``"none"`` (full, LazyLLM: no budget)."""
+    return method_config(method).budget_kind
 
 
 def build_policy(policy: str | Policy, **params: Any) -> Policy:
@@ -38,39 +59,30 @@ def build_policy(policy: str | Policy, **params: Any) -> Policy:
         if params:
             raise InvalidParameterError("pass parameters either to the policy object or by name, not both")
         return policy
-    if isinstance(policy, str) and policy.lower() in RESERVED:
+    if isinstance(policy, str) and policy.lower() in STEPWISE:
         raise UnknownPolicyError(
             f"{policy!r} is not an eviction policy of PruningCache; build its own cache with "
             f"kvprune.make_cache(model, {policy.lower()!r}) (eviction policies: {', '.join(sorted(POLICIES))})"
         )
     if not isinstance(policy, str) or policy.lower() not in POLICIES:
         raise UnknownPolicyError(f"unknown policy {policy!r}; valid names: {', '.join(sorted(POLICIES))}")
-    cls = POLICIES[policy.lower()]
+    return build_config(POLICIES[policy.lower()], params)
+
+
+def build_config(cls: type, params: dict[str, Any]) -> Any:
+    """``cls(**params)`` after refusing parameter names ``cls`` does not take (a typed error naming the valid ones)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - fields)
     if unknown:
-        raise InvalidParameterError(
-            f"policy {cls.name!r} has no parameter(s) {unknown}; valid parameters: {sorted(fields)}"
-        )
+        what = f"policy {cls.name!r}" if issubclass(cls, Policy) else cls.name
+        raise InvalidParameterError(f"{what} has no parameter(s) {unknown}; valid parameters: {sorted(fields)}")
     return cls(**params)
 
 
 def check_params(method: str, params: dict[str, Any]) -> None:
-    """Refuse parameters that ``method`` (any registered name, LazyLLM and SpAtten included) does not take,
-    and values its configuration rejects, before anything runs: a typed error naming the valid ones."""
-    from .lazyllm import LazyLLM
-    from .spatten import SpAtten
-
-    name = method.lower() if isinstance(method, str) else method
-    if name in RESERVED:
-        cls = LazyLLM if name == "lazyllm" else SpAtten
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - fields)
-        if unknown:
-            raise InvalidParameterError(f"{name} has no parameter(s) {unknown}; valid parameters: {sorted(fields)}")
-        cls(**params)
-    else:
-        build_policy(name, **params)
+    """Refuse parameters that ``method`` (any registered name) does not take, and values its configuration
+    rejects, before anything runs."""
+    build_config(method_config(method), params)
 
 
 __all__ = [
@@ -89,7 +101,10 @@ __all__ = [
     "SnapKV",
     "StreamingLLM",
     "TOVA",
+    "budget_kind",
+    "build_config",
     "build_policy",
     "check_params",
+    "method_config",
     "methods",
 ]

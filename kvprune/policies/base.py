@@ -62,14 +62,16 @@ def check_int(name: str, value: object, low: int, what: str = "") -> int:
 
 #: every eviction policy by (lower-case) name: filled by defining a Policy subclass with a ``name``
 REGISTRY: dict[str, type] = {}
-#: names of the methods with caches of their own (not Policy subclasses)
-RESERVED: tuple[str, ...] = ("lazyllm", "spatten")
+#: the methods with caches of their own (LazyLLM, SpAtten) by name: filled by :func:`register_method`
+STEPWISE: dict[str, type] = {}
+#: what a method's ``budget`` means: a token count or ratio of tokens seen, a fraction of KV memory, or nothing
+BUDGET_KINDS: tuple[str, ...] = ("tokens", "kv_fraction", "none")
 
 
 def register(cls: type) -> type:
     """Add a policy class to :data:`REGISTRY` under ``cls.name`` (a re-definition of the same class replaces it)."""
     key = str(cls.name).lower()
-    if key in RESERVED or key == "base":
+    if key in STEPWISE or key == "base":
         raise InvalidParameterError(f"policy name {cls.name!r} is taken by kvprune; choose another")
     old = REGISTRY.get(key)
     if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
@@ -77,6 +79,13 @@ def register(cls: type) -> type:
             f"policy name {cls.name!r} is already {old.__module__}.{old.__qualname__}; choose another name"
         )
     REGISTRY[key] = cls
+    return cls
+
+
+def register_method(cls: type) -> type:
+    """Register a method configuration whose cache is not a ``PruningCache`` (it declares ``name`` and
+    ``budget_kind``); its cache factory lives in ``kvprune.integrations``."""
+    STEPWISE[str(cls.name).lower()] = cls
     return cls
 
 
@@ -97,6 +106,8 @@ class Policy:
     shared_across_heads: ClassVar[bool] = False
     #: the policy never evicts (budget is ignored)
     evicts: ClassVar[bool] = True
+    #: what ``budget`` means for this method (:data:`BUDGET_KINDS`); "none" for a policy that never evicts
+    budget_kind: ClassVar[str] = "tokens"
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         """A subclass that sets its own ``name`` registers itself: ``make_cache(model, name, ...)`` then builds it."""

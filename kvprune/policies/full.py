@@ -13,3 +13,4 @@ class FullCache(Policy):
 
     name = "full"
     evicts = False
+    budget_kind = "none"

@@ -15,9 +15,10 @@ from typing import ClassVar
 import torch
 
 from ..errors import InvalidParameterError
-from .base import keep_top
+from .base import keep_top, register_method
 
 
+@register_method
 @dataclass
 class LazyLLM:
     """Where to prune and how much: ``prune_ratios[i]`` of the present tokens after layer ``prune_layers[i]``.
@@ -33,6 +34,7 @@ class LazyLLM:
     decode_ratios: tuple[float, ...] | None = None
 
     name: ClassVar[str] = "lazyllm"
+    budget_kind: ClassVar[str] = "none"  # it prunes computation, not memory
     observation: ClassVar[str] = "last_query"
     shared_across_heads: ClassVar[bool] = True  # importance is averaged over every head of the layer
 

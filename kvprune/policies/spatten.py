@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import InvalidBudgetError, InvalidParameterError
-from .base import keep_top
+from .base import keep_top, register_method
 
 
 def _check_ratio(name: str, r: object) -> float:
@@ -37,6 +37,7 @@ def _ramp(target: float, start: float, n_layers: int) -> list[float]:
     return out
 
 
+@register_method
 @dataclass
 class SpAtten:
     """SpAtten's schedules and selection rules (the forward and the cache do the bookkeeping).
@@ -66,6 +67,7 @@ class SpAtten:
     importance: str = "attention"
 
     name: ClassVar[str] = "spatten"
+    budget_kind: ClassVar[str] = "kv_fraction"  # a budget is the fraction of KV memory kept
 
     def __post_init__(self) -> None:
         _check_ratio("token_ratio", self.token_ratio)
