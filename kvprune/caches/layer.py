@@ -67,7 +67,7 @@ def check_layout(layer_idx: int, held_keys: torch.Tensor, held_values: torch.Ten
 def check_row_index(index: object, batch: int) -> torch.Tensor:
     """``index`` as a 1-D int64 tensor of rows in ``[0, batch)`` (beam reordering, batch selection), else a typed error."""
     t = torch.as_tensor(index)
-    if t.dim() != 1 or t.dtype in (torch.bool,) or t.is_floating_point() or t.is_complex():
+    if t.dim() != 1 or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise InvalidParameterError(f"row indices must be a 1-D integer tensor; got shape {tuple(t.shape)} of {t.dtype}")
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= batch):
         raise InvalidParameterError(
