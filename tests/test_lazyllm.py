@@ -85,9 +85,9 @@ def _record_selections(cache):
     for layer in cache.layers:
         original = layer.begin
 
-        def begin(qpos, qvalid, selected, prunes, _layer=layer, _orig=original, **kw):
-            log.append((_layer.layer_idx, qpos.clone(), qvalid.clone(), selected.clone()))
-            _orig(qpos, qvalid, selected, prunes, **kw)
+        def begin(step, _layer=layer, _orig=original):
+            log.append((_layer.layer_idx, step.query_positions.clone(), step.query_valid.clone(), step.selected.clone()))
+            _orig(step)
 
         layer.begin = begin
     return log

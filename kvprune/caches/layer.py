@@ -15,6 +15,7 @@ from ..errors import BatchMismatchError, CacheUsageError, InvalidParameterError,
 from ..policies import Policy
 from ..policies.base import rank_grid
 from .budget import Budget
+from .contract import bind
 
 INDEX_DTYPE = torch.int32
 #: a full buffer grows by max(GROWTH_MIN, held // GROWTH_DIV) free slots (amortised appends, <= 1/8 slack)
@@ -87,6 +88,8 @@ class PruningLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
     supports_early_init = False
+    #: the shared attention path computes this layer's attention (kvprune.caches.contract)
+    own_attention = None
 
     positions = _held_view(0)
     ranks = _held_view(1)
@@ -155,8 +158,7 @@ class PruningLayer(CacheLayerMixin):
         self._use_slots(n + q)
         self.n_seen += q
         self.pending = q
-        self.keys._kvprune_layer = self  # lets the attention function find this layer
-        return self.keys, self.values
+        return bind(self.keys, self), self.values
 
     # -- storage: buffers with free slots at the end; keys, values and metadata are views of their front
     def _use_slots(self, n: int) -> None:
@@ -298,6 +300,10 @@ class PruningLayer(CacheLayerMixin):
             and self.all_valid
             and (sliding_window is None or sliding_window >= n_queries)
         )
+
+    def ordered_queries(self) -> None:
+        """Slots are in position order: no staircase needed."""
+        return None
 
     def finish(self, obs: torch.Tensor | None) -> None:
         """Fold the observation into the scores and evict down to the budget (once, with ``prefill_only``;

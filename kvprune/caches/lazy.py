@@ -16,6 +16,7 @@ import torch
 from ..errors import BatchMismatchError, CacheUsageError
 from ..policies.lazyllm import LazyLLM
 from .cache import CacheStats
+from .contract import StepContext, bind
 from .layer import check_layout
 from .accounting import held_bytes
 from .stepwise import StepwiseCache, StepwiseLayer, append_along
@@ -26,8 +27,8 @@ class LazyLayer(StepwiseLayer):
 
     METHOD = "LazyLLM"
     heads_aligned = True  # one token set per row, shared by the heads
-    queries_by_position = True  # a step's queries come in ascending position (left-padded with -1)
     all_valid = False  # always build the mask (selection changes per step)
+    own_attention = None  # the shared attention path
 
     def __init__(self, layer_idx: int, policy: LazyLLM) -> None:
         super().__init__()
@@ -39,9 +40,7 @@ class LazyLayer(StepwiseLayer):
         self.positions: torch.Tensor | None = None  # [B, N] logical position of each slot (-1: padding)
         self.valid: torch.Tensor | None = None  # [B, N]
         self.pending = 0
-        self.importance: torch.Tensor | None = None
-        self.frozen = False
-        self._newest_only = False
+        self.step: StepContext | None = None  # this step's queries and selection, set by the lazy forward
         self._holes = False  # whether a padding slot may be held (compact() has nothing to do otherwise)
         self.is_initialized = False
 
@@ -54,20 +53,15 @@ class LazyLayer(StepwiseLayer):
         self.valid = torch.empty((b, 0), dtype=torch.bool, device=self.device)
         self.is_initialized = True
 
-    def begin(self, query_pos: torch.Tensor, query_valid: torch.Tensor, selected: torch.Tensor, prunes: bool,
-              *, newest_only: bool = False, padded: bool = True) -> None:
-        """Called by the lazy forward before the layer runs: query positions ``[B, Q]``, the selection ``[B, T]``,
-        whether this step prunes after this layer (only then is the newest token's attention needed), whether
-        the only query of each row is the step's one new token, and whether some query is padding."""
-        self._qpos, self._qvalid, self._selected = query_pos, query_valid, selected
-        self.frozen = not prunes  # the attention function observes nothing for a frozen layer
-        self._newest_only = newest_only
-        self._holes = self._holes or padded  # padding slots appended: compaction may have work
+    def begin(self, step: StepContext) -> None:
+        """Called by the lazy forward before the layer runs: this step's queries and selection."""
+        self.step = step
+        self._holes = self._holes or step.padded  # padding slots appended: compaction may have work
 
     @property
-    def query_positions(self) -> torch.Tensor:
-        """Positions ``[B, Q]`` of this step's queries at this layer, ascending (-1: padding)."""
-        return self._qpos
+    def frozen(self) -> bool:
+        """The attention observes only at layers after which the step prunes."""
+        return self.step is None or not self.step.observe
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
@@ -75,23 +69,23 @@ class LazyLayer(StepwiseLayer):
         check_layout(self.layer_idx, self.keys, self.values, key_states, value_states)
         append_along(self, "keys", key_states, dim=2)
         append_along(self, "values", value_states, dim=2)
-        append_along(self, "positions", self._qpos, dim=1)
-        append_along(self, "valid", self._qvalid, dim=1)
+        append_along(self, "positions", self.step.query_positions, dim=1)
+        append_along(self, "valid", self.step.query_valid, dim=1)
         self.pending = key_states.shape[-2]
-        self.keys._kvprune_layer = self
-        return self.keys, self.values
+        return bind(self.keys, self), self.values
 
-    # -- the attention function's protocol ---------------------------------------------------------
+    # -- the attention function's contract (kvprune.caches.contract) -------------------------------
     def observe_padding(self, new_valid: torch.Tensor | None) -> None:
         """Validity comes from the lazy forward, not from the padding mask."""
 
     def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor:
         """Selected, valid keys at or before each query's position: ``[B, 1, Q, N]``."""
-        chosen = self.valid & self._selected.gather(1, self.positions.clamp(min=0))
-        if self._newest_only and sliding_window is None:
+        step = self.step
+        chosen = self.valid & step.selected.gather(1, self.positions.clamp(min=0))
+        if step.newest_only and sliding_window is None:
             return chosen[:, None, None, :]  # the one query is the newest token: every key is before it or it
         kpos = self.positions[:, None, None, :]
-        qpos = self._qpos[:, None, :, None]
+        qpos = step.query_positions[:, None, :, None]
         allowed = chosen[:, None, None, :] & (kpos <= qpos)
         if sliding_window is not None:
             allowed &= kpos > qpos - sliding_window
@@ -99,30 +93,35 @@ class LazyLayer(StepwiseLayer):
 
     def is_plain_causal(self, n_queries: int, sliding_window: int | None = None) -> bool:
         """True when this layer holds exactly the queries, all real, in position order (a prefill)."""
+        qpos = self.step.query_positions
         return (
             self.keys.shape[-2] == n_queries
-            and bool(self._qvalid.all())
-            and bool(self._selected.gather(1, self._qpos.clamp(min=0)).all())
-            and (sliding_window is None or sliding_window >= int(self._qpos.max()) + 1)
+            and bool(self.step.query_valid.all())
+            and bool(self.step.selected.gather(1, qpos.clamp(min=0)).all())
+            and (sliding_window is None or sliding_window >= int(qpos.max()) + 1)
         )
 
+    def ordered_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries come in ascending position (left-padded with -1) against slots in computation order."""
+        return self.step.query_positions, self.positions
+
     def finish(self, obs: torch.Tensor | None) -> None:
-        """Store the newest token's head-averaged attention per position (``[B, T]``) for the pruning rule."""
+        """Hand the newest token's head-averaged attention per position (``[B, T]``) to the step's pruning rule."""
         self.pending = 0
         if obs is not None:
-            self._store_importance(obs)
+            self.step.importance = self._importance(obs)
         if self._holes:
             self.compact()
 
     def take_slots(self, order: torch.Tensor) -> None:
         self.keys, self.values = self.gather_slots(self.keys, order), self.gather_slots(self.values, order)
 
-    def _store_importance(self, obs: torch.Tensor) -> None:
-        n_tokens = self._selected.shape[1]
+    def _importance(self, obs: torch.Tensor) -> torch.Tensor:
+        n_tokens = self.step.selected.shape[1]
         imp = torch.zeros((obs.shape[0], n_tokens + 1), dtype=torch.float32, device=obs.device)
         slot_pos = torch.where(self.valid, self.positions, n_tokens)  # padding slots go to a dump column
         imp.scatter_(1, slot_pos, obs[:, 0].float())
-        self.importance = imp[:, :n_tokens]
+        return imp[:, :n_tokens]
 
     # -- transformers' layer contract ---------------------------------------------------------------
     def get_seq_length(self) -> int:

@@ -19,6 +19,7 @@ from ..errors import BatchMismatchError, CacheUsageError
 from ..policies.random import hash_uniform
 from ..policies.spatten import SpAtten
 from .cache import CacheStats
+from .contract import StepContext, bind
 from .accounting import held_bytes
 from .stepwise import StepwiseCache, StepwiseLayer
 from .quant import QTensor, cat, dequantize, quantize
@@ -71,12 +72,28 @@ class SpAttenLayer(StepwiseLayer):
         self.positions: torch.Tensor | None = None  # [B, N] token index per slot (-1: empty)
         self.valid: torch.Tensor | None = None  # [B, N]
         self.pending = 0
+        self.step: StepContext | None = None
         self.is_initialized = False
 
+    # -- the attention function's contract (kvprune.caches.contract): SpAtten computes its own attention
+    frozen = True  # nothing for the shared path to observe: the cascade's scores are SpAtten's own
+
+    @property
+    def policy(self) -> SpAtten:
+        return self.cache.policy
+
+    @property
+    def own_attention(self):
+        """SpAtten's attention over the present heads and stored parts (set on the cache by its factory)."""
+        return self.cache.layer_attention
+
+    def finish(self, obs: None) -> None:
+        self.pending = 0
+
     # -- called by the SpAtten forward before the layer runs -----------------------------------------
-    def begin(self, query_tokens: torch.Tensor, query_valid: torch.Tensor) -> None:
-        """Queries ``[B, Q]`` (token indices, -1 for padding); drop the slots and KV heads pruned since."""
-        self._qtok, self._qvalid = query_tokens, query_valid
+    def begin(self, step: StepContext) -> None:
+        """This step's queries (token indices, -1 for padding); drop the slots and KV heads pruned since."""
+        self.step = step
         if not self.is_initialized:
             return
         depth = self.cache.depth.gather(1, self.positions.clamp(min=0))
@@ -131,17 +148,15 @@ class SpAttenLayer(StepwiseLayer):
             slot = free.to(torch.int8).argmax(-1)
             _write_slot(self.keys, rows, slot, new_k)
             _write_slot(self.values, rows, slot, new_v)
-            self.positions[rows, slot] = self._qtok[:, 0]
-            self.valid[rows, slot] = self._qvalid[:, 0]
+            self.positions[rows, slot] = self.step.query_positions[:, 0]
+            self.valid[rows, slot] = self.step.query_valid[:, 0]
         else:
             self.keys, self.values = _cat(self.keys, new_k), _cat(self.values, new_v)
-            self.positions = torch.cat([self.positions, self._qtok], dim=-1)
-            self.valid = torch.cat([self.valid, self._qvalid], dim=-1)
+            self.positions = torch.cat([self.positions, self.step.query_positions], dim=-1)
+            self.valid = torch.cat([self.valid, self.step.query_valid], dim=-1)
         self.pending = q
         # the attention function reads the stored parts through this layer; what it gets here is the first pass
-        k, v = self.first_pass_keys(), self.first_pass_values()
-        k._kvprune_layer = self
-        return k, v
+        return bind(self.first_pass_keys(), self), self.first_pass_values()
 
     def first_pass_keys(self) -> torch.Tensor:
         return self.keys if isinstance(self.keys, torch.Tensor) else dequantize(self.keys, self.dtype, full=False)
@@ -155,10 +170,19 @@ class SpAttenLayer(StepwiseLayer):
     def full_values(self) -> torch.Tensor:
         return self.values if isinstance(self.values, torch.Tensor) else dequantize(self.values, self.dtype, full=True)
 
-    def attention_allowed(self, sliding_window: int | None = None) -> torch.Tensor:
+    def observe_padding(self, new_valid: torch.Tensor | None) -> None:
+        """Validity comes from the SpAtten forward, not from the padding mask."""
+
+    def is_plain_causal(self, n_queries: int, sliding_window: int | None = None) -> bool:
+        return False
+
+    def ordered_queries(self) -> None:
+        return None
+
+    def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor:
         """Present keys at or before each query: ``[B, 1, Q, N]`` (padding queries see only themselves)."""
         kpos = self.positions[:, None, None, :]
-        qpos = self._qtok[:, None, :, None]
+        qpos = self.step.query_positions[:, None, :, None]
         allowed = self.valid[:, None, None, :] & (kpos <= qpos)
         if sliding_window is not None:
             allowed &= kpos > qpos - sliding_window

@@ -113,8 +113,8 @@ class StepwiseCache(Cache):
     #: the method's step through the decoder stack, ``(base, cache, input_ids, attention_mask, position_ids,
     #: inputs_embeds) -> model output``; set by the method's factory in ``kvprune.integrations``
     step_forward: Callable[..., Any] | None = None
-    #: attention a layer computes itself, ``(layer, query, backend, scaling, sliding_window) -> [B, q, Hq, Dv]``,
-    #: which kvprune's attention function then delegates to (SpAtten); None: the shared attention path
+    #: attention a layer computes itself (:data:`kvprune.caches.contract.OwnAttention`), which kvprune's attention
+    #: function delegates to through the layer's ``own_attention`` (SpAtten); None: the shared attention path
     layer_attention: Callable[..., torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..caches import ATTN_PREFIX, PruningLayer
+from ..caches import ATTN_PREFIX
+from ..caches.contract import AttentionLayer, layer_of
 from ..policies import Policy
 
 BACKENDS = ("eager", "sdpa", "flash_attention_2")
@@ -248,10 +249,12 @@ def kvprune_attention(
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     b, _, q, _ = query.shape
     s = key.shape[-2]
-    layer: PruningLayer | None = getattr(key, "_kvprune_layer", None)
-    own = getattr(getattr(layer, "cache", None), "layer_attention", None)
-    if own is not None and layer.pending == q:  # a method whose layers compute attention themselves (SpAtten)
-        return own(layer, query, backend, scaling, sliding_window), None
+    layer: AttentionLayer | None = layer_of(key)
+    if layer is not None and layer.pending == q and layer.own_attention is not None:
+        # a layer that computes its attention itself (SpAtten's pruned heads and quantized parts)
+        out, obs = layer.own_attention(layer, query, key, value, backend, scaling, sliding_window)
+        layer.finish(obs)
+        return out, None
     if layer is not None and layer.pending == q:
         if q == 1 and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and bool(attention_mask[:, -1].all()):
             new_valid = None  # the common decode step: the new token is real in every row
@@ -259,7 +262,7 @@ def kvprune_attention(
             new_valid = _padding_of_new_tokens(attention_mask, q, b)
         layer.observe_padding(new_valid)
         # frozen: nothing to observe this step (prefill_only past the prefill; LazyLLM off its pruning layers)
-        policy = None if getattr(layer, "frozen", False) else layer.policy
+        policy = None if layer.frozen else layer.policy
         causal = q > 1 and layer.is_plain_causal(q, sliding_window)
     else:
         new_valid = _padding_of_new_tokens(attention_mask, q, b)
@@ -301,8 +304,8 @@ def kvprune_attention(
         if not one_pass:
             if causal:
                 out = causal_output(query, key, value, scaling, flash=backend == "flash_attention_2")
-            elif q >= STAIRCASE_MIN_QUERIES and getattr(layer, "queries_by_position", False):
-                out = staircase_output(query, key, value, allowed, layer.query_positions, layer.positions, scaling)
+            elif q >= STAIRCASE_MIN_QUERIES and layer is not None and (ordered := layer.ordered_queries()) is not None:
+                out = staircase_output(query, key, value, allowed, *ordered, scaling)
             else:
                 out = sdpa_output(query, key, value, allowed, scaling)
     if layer is not None:

@@ -15,14 +15,43 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from ..caches.contract import StepContext
 from ..caches.lazy import LazyCache
 from ..errors import InvalidParameterError
 from ..policies import build_config
 from ..policies.lazyllm import LazyLLM
-from .compat import base_output, with_cache
 from .forward import prepare_stepwise
 from .prepare import check_architecture, prepare_model
-from .stepping import pack_left, step_inputs
+from .selective import final_output, run_layers
+from .stepping import step_inputs
+
+
+class _LazyStep:
+    """LazyLLM at one step: a layer computes the selected tokens that have not reached it yet (new tokens and
+    tokens revived from the Aux Cache); after each pruning layer the least attended leave the selection."""
+
+    def __init__(self, cache: LazyCache, n_queries: int) -> None:
+        self.cache = cache
+        self.selected = cache.token_valid.clone()  # every step starts again from the full context
+        self.newest = torch.zeros_like(self.selected)
+        self.newest[:, -1] = True
+        self.decoding = n_queries == 1
+        self.schedule = cache.decode_schedule if self.decoding else cache.schedule
+
+    def todo(self, idx: int) -> torch.Tensor:
+        return self.selected & (self.cache.depth == idx)
+
+    def context(self, idx: int, query_positions: torch.Tensor, query_valid: torch.Tensor, padded: bool) -> StepContext:
+        # the newest token alone (a decoding step, nothing revived here): all keys are at or before it
+        newest_only = self.decoding and query_positions.shape[1] == 1 and not padded
+        return StepContext(query_positions, query_valid, selected=self.selected, observe=idx in self.schedule,
+                           newest_only=newest_only, padded=padded)
+
+    def after(self, idx: int, step: StepContext, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.cache.depth[rows, tokens] += 1
+        self.cache.computed[rows, tokens, idx] += 1
+        if step.observe:
+            self.selected = self.cache.policy.select(step.importance, self.selected, self.newest, self.schedule[idx])
 
 
 @torch.no_grad()
@@ -40,55 +69,11 @@ def lazy_forward(
     (only possible for non-final prompt tokens) has NaN there, since it was never computed.
     """
     embeds, valid, position_ids = step_inputs(base, cache.n_seen, input_ids, attention_mask, position_ids, inputs_embeds)
-    b, q, d = embeds.shape
+    q = embeds.shape[1]
     cache.append_tokens(embeds, valid, position_ids)
-
-    n_tokens = cache.n_seen
-    selected = cache.token_valid.clone()  # every step starts again from the full context
-    newest = torch.zeros_like(selected)
-    newest[:, -1] = True
-    rows = torch.arange(b, device=embeds.device)[:, None]
-    schedule = cache.decode_schedule if q == 1 else cache.schedule
-    # the token set computed at the previous layer: its states stay packed (hidden, at qpos) while it is unchanged
-    carried: torch.Tensor | None = None
-    hidden = qvalid = bi = pi = torch.empty(0)
-    for idx, layer in enumerate(base.layers[: len(cache.layers)]):
-        todo = selected & (cache.depth == idx)
-        if carried is None or not torch.equal(todo, carried):
-            if carried is not None:
-                cache.hidden[bi, pi] = hidden[qvalid].to(cache.hidden.dtype)
-            qpos, qvalid, padded = pack_left(todo)
-            src = qpos.clamp(min=0)
-            hidden = cache.hidden.gather(1, src[..., None].expand(-1, -1, d))
-            rope = cache.rope_pos.gather(1, src)
-            position_embeddings = base.rotary_emb(hidden, rope)
-            bi, pi = rows.expand_as(qpos)[qvalid], qpos[qvalid]
-        lazy_layer = cache.layers[idx]
-        # the newest token alone (a decoding step, nothing revived here): all keys are at or before it
-        newest_only = q == 1 and qpos.shape[1] == 1 and not padded
-        lazy_layer.begin(qpos, qvalid, selected, idx in schedule, newest_only=newest_only, padded=padded)
-        out = layer(
-            hidden,
-            attention_mask=None,
-            position_ids=rope,
-            **with_cache(cache),
-            use_cache=True,
-            position_embeddings=position_embeddings,
-        )
-        hidden = out[0] if isinstance(out, tuple) else out
-        cache.depth[bi, pi] += 1
-        cache.computed[bi, pi, idx] += 1
-        carried = todo
-        if idx in schedule:
-            selected = cache.policy.select(lazy_layer.importance, selected, newest, schedule[idx])
-    if carried is not None:
-        cache.hidden[bi, pi] = hidden[qvalid].to(cache.hidden.dtype)
-
-    last = len(cache.layers)
-    final = cache.hidden[:, n_tokens - q :]
-    done = (cache.depth[:, n_tokens - q :] == last)[..., None]
-    final = torch.where(done, base.norm(final), torch.full_like(final, float("nan")))
-    return base_output(final, cache)
+    run_layers(base, cache, _LazyStep(cache, q), cache.hidden, cache.rope_pos)
+    new = slice(cache.n_seen - q, cache.n_seen)
+    return final_output(base, cache, cache.hidden[:, new], cache.depth[:, new] == len(cache.layers))
 
 
 def make_lazy_cache(model: torch.nn.Module, policy: LazyLLM | str | None = None, budget: None = None, *,

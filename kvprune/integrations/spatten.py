@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from ..caches.contract import StepContext
 from ..caches.quant import QTensor
 from ..caches.spatten import SpAttenCache, SpAttenLayer
 from ..errors import InvalidParameterError
@@ -23,10 +24,28 @@ from ..policies import build_config
 from ..policies.base import rank_grid
 from ..policies.spatten import SpAtten
 from .attention import BLOCK_ELEMENTS
-from .compat import base_output, with_cache
 from .forward import prepare_stepwise
 from .prepare import check_architecture, prepare_model
-from .stepping import pack_left, step_inputs
+from .selective import final_output, run_layers
+from .stepping import step_inputs
+
+
+class _SpAttenStep:
+    """SpAtten at one step: a layer computes the new tokens still present there (the cascade only removes);
+    after each layer the cache prunes tokens and heads."""
+
+    def __init__(self, cache: SpAttenCache, valid: torch.Tensor, start: int) -> None:
+        self.cache, self.valid, self.start = cache, valid, start
+
+    def todo(self, idx: int) -> torch.Tensor:
+        return self.valid & (self.cache.depth[:, self.start :] > idx)
+
+    def context(self, idx: int, query_positions: torch.Tensor, query_valid: torch.Tensor, padded: bool) -> StepContext:
+        return StepContext(query_positions, query_valid, padded=padded)
+
+    def after(self, idx: int, step: StepContext, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.cache.counters.per_layer_tokens[idx] += int(step.query_valid.sum())
+        self.cache.prune_after(idx)
 
 
 @torch.no_grad()
@@ -40,30 +59,14 @@ def spatten_forward(
 ) -> BaseModelOutputWithPast:
     """One step through ``base`` (e.g. ``LlamaModel``); tokens pruned before the last layer get NaN outputs."""
     hidden, valid, position_ids = step_inputs(base, cache.n_seen, input_ids, attention_mask, position_ids, inputs_embeds)
-    b, q, d = hidden.shape
     start = cache.n_seen
     cache.append_tokens(valid)
     n_valid = cache.token_valid.sum(-1)  # [B]
     k_new = valid.sum(-1)
     # what an unpruned cache would do this step, per layer: causal (query, key) pairs over every head
     cache.step_full_pairs = int((k_new * n_valid - k_new * (k_new - 1) // 2).sum()) * cache.num_heads
-    rows = torch.arange(b, device=hidden.device)[:, None]
-    for idx, layer in enumerate(base.layers[: len(cache.layers)]):
-        local, qvalid, _ = pack_left(valid & (cache.depth[:, start:] > idx))
-        src = local.clamp(min=0)
-        h = hidden.gather(1, src[..., None].expand(-1, -1, d))
-        rope = position_ids.gather(1, src)
-        cache.layers[idx].begin(torch.where(qvalid, local + start, -1), qvalid)
-        out = layer(h, attention_mask=None, position_ids=rope, **with_cache(cache), use_cache=True,
-                    position_embeddings=base.rotary_emb(h, rope))
-        out = out[0] if isinstance(out, tuple) else out
-        bi, pi = rows.expand_as(local)[qvalid], local[qvalid]
-        hidden[bi, pi] = out[qvalid].to(hidden.dtype)
-        cache.counters.per_layer_tokens[idx] += int(qvalid.sum())
-        cache.prune_after(idx)
-    done = (cache.depth[:, start:] == len(cache.layers))[..., None]
-    final = torch.where(done, base.norm(hidden), torch.full_like(hidden, float("nan")))
-    return base_output(final, cache)
+    run_layers(base, cache, _SpAttenStep(cache, valid, start), hidden, position_ids, offset=start)
+    return final_output(base, cache, hidden, cache.depth[:, start:] == len(cache.layers))
 
 
 def _probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -107,15 +110,17 @@ def progressive_rows(query, key_msb, value_msb, full_kv, allowed, scaling: float
 
 
 def spatten_attention(
-    layer: SpAttenLayer, query: torch.Tensor, backend: str, scaling: float, sliding_window: int | None = None
-) -> torch.Tensor:
-    """Attention of the present heads over the present tokens; returns ``[B, q, Hq, Dv]``."""
+    layer: SpAttenLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: str, scaling: float,
+    sliding_window: int | None = None,
+) -> tuple[torch.Tensor, None]:
+    """Attention of the present heads over the present tokens (read from the layer's stored parts, not from the
+    first-pass ``key``/``value``); returns ``([B, q, Hq, Dv], None)``: the cascade's scores go to the cache."""
     cache = layer.cache
     policy: SpAtten = cache.policy
     b, hq, q, _ = query.shape
     group = hq // cache.num_kv_heads
-    allowed = layer.attention_allowed(sliding_window)  # [B, 1, q, N]
-    qvalid = layer._qvalid  # [B, q]
+    allowed = layer.attention_allowed(q, sliding_window)  # [B, 1, q, N]
+    qvalid = layer.step.query_valid  # [B, q]
     active = cache.head_depth > layer.layer_idx  # [B, Hq]
     quantized = isinstance(layer.keys, QTensor)
     keys_first, values_first = layer.first_pass_keys(), layer.first_pass_values()
@@ -186,8 +191,7 @@ def spatten_attention(
     c.bytes_read_full += cache.step_full_pairs * (keys_first.shape[-1] + values_first.shape[-1]) * query.element_size()
     token_score = token_score.masked_fill(~layer.valid, 0.0)
     cache.score.scatter_add_(1, layer.positions.clamp(min=0), token_score)
-    layer.pending = 0
-    return out.transpose(1, 2).contiguous()
+    return out.transpose(1, 2).contiguous(), None
 
 
 def make_spatten_cache(model: torch.nn.Module, policy: SpAtten | str | None = None, budget: float | None = None,
