@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import PretrainedConfig
-from transformers.cache_utils import Cache
 
 from ..errors import CacheUsageError, InvalidBudgetError, InvalidParameterError
 from ..policies import Policy, build_policy
-from .accounting import held_bytes
+from .base import KVCache
 from .budget import Budget
 from .layer import PruningLayer
 
@@ -20,19 +18,7 @@ from .layer import PruningLayer
 ATTN_PREFIX = "kvprune_"
 
 
-@dataclass
-class CacheStats:
-    """What the cache holds: kept tokens per layer and (row, KV head), evictions and bytes."""
-
-    tokens_seen: int
-    kept: list[torch.Tensor]  # per layer: [batch, kv_heads] valid tokens held
-    slots: list[int]  # per layer: physical slots per (row, KV head)
-    evictions: list[int]  # per layer: tokens evicted, summed over rows and heads
-    kv_bytes: int  # keys and values held (packed parts when quantized)
-    metadata_bytes: int  # every other tensor byte the cache keeps alive; kv_bytes + metadata_bytes is all of it
-
-
-class PruningCache(Cache):
+class PruningCache(KVCache):
     """A ``transformers`` cache that keeps each layer within ``budget`` using ``policy``.
 
     ``policy`` is a name (``"a2sf"``, ``"h2o"``, ...) with its parameters as keyword arguments, or a
@@ -113,28 +99,6 @@ class PruningCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
-
-    #: evicted tokens cannot be rolled back: ``generate`` refuses assisted/prompt-lookup decoding up front
-    refuses_rollback = True
-
-    def crop(self, *args: Any, **kwargs: Any) -> None:
-        self.layers[0].crop(0)
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    def stats(self) -> CacheStats:
-        layers = [layer for layer in self.layers if layer.is_initialized]
-        kv = sum(layer.kv_bytes() for layer in layers)
-        return CacheStats(
-            tokens_seen=self.get_seq_length(),
-            kept=[layer.valid.sum(-1).cpu() for layer in layers],
-            slots=[layer.physical_length for layer in layers],
-            evictions=[layer.evictions for layer in layers],
-            kv_bytes=kv,
-            metadata_bytes=held_bytes(self) - kv,  # positions, ranks, validity, scores, free slots: all the rest
-        )
 
     def __repr__(self) -> str:
         once = ", prefill_only=True" if self.prefill_only else ""

@@ -9,17 +9,15 @@ valid tokens, which is what sinks and recent windows are counted in.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
-from ..errors import BatchMismatchError, CacheUsageError, InvalidParameterError, UnsupportedGenerationModeError
+from ..errors import BatchMismatchError, CacheUsageError, UnsupportedGenerationModeError
 from ..policies import Policy
 from ..policies.base import rank_grid
+from .base import KVLayer, check_layout, grown, room
 from .budget import Budget
 from .contract import bind
 
 INDEX_DTYPE = torch.int32
-#: a full buffer grows by max(GROWTH_MIN, held // GROWTH_DIV) free slots (amortised appends, <= 1/8 slack)
-GROWTH_MIN, GROWTH_DIV = 16, 8
 #: what a free slot holds for (keys, values, positions, ranks, valid, scores); None: written by the append
 _FREE_SLOT = (None, None, None, -1, True, 0.0)
 
@@ -49,45 +47,13 @@ def _held_view(i: int) -> property:
     return property(get, set)
 
 
-def check_layout(layer_idx: int, held_keys: torch.Tensor, held_values: torch.Tensor, key_states: torch.Tensor,
-                 value_states: torch.Tensor) -> None:
-    """Refuse new keys/values whose head size or dtype differs from what the layer holds (another model)."""
-    if key_states.shape[-1] != held_keys.shape[-1] or value_states.shape[-1] != held_values.shape[-1]:
-        raise CacheUsageError(
-            f"layer {layer_idx} holds keys/values of head size {held_keys.shape[-1]}/{held_values.shape[-1]} but got "
-            f"{key_states.shape[-1]}/{value_states.shape[-1]}: this cache belongs to another model; use one cache per "
-            "model and conversation (kvprune.make_cache(model, ...))"
-        )
-    if key_states.dtype != held_keys.dtype or key_states.device != held_keys.device:
-        raise CacheUsageError(
-            f"layer {layer_idx} holds {held_keys.dtype} keys on {held_keys.device} but got {key_states.dtype} on "
-            f"{key_states.device}; use one cache per model and conversation"
-        )
-
-
-def check_row_index(index: object, batch: int) -> torch.Tensor:
-    """``index`` as a 1-D int64 tensor of rows in ``[0, batch)`` (beam reordering, batch selection), else a typed error."""
-    t = torch.as_tensor(index)
-    if t.dim() != 1 or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise InvalidParameterError(f"row indices must be a 1-D integer tensor; got shape {tuple(t.shape)} of {t.dtype}")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= batch):
-        raise InvalidParameterError(
-            f"row indices must be in [0, {batch}) for a cache holding {batch} rows; got min {int(t.min())}, max {int(t.max())}"
-        )
-    return t.long()
-
-
 def _is_compiling() -> bool:
     return bool(getattr(torch, "compiler", None) and torch.compiler.is_compiling())
 
 
-class PruningLayer(CacheLayerMixin):
+class PruningLayer(KVLayer):
     """Per-layer storage with the policy's score state; evicts down to the budget after each forward."""
 
-    is_compileable = False
-    is_sliding = False
-    is_croppable = False
-    supports_early_init = False
     #: the shared attention path computes this layer's attention (kvprune.caches.contract)
     own_attention = None
 
@@ -147,7 +113,7 @@ class PruningLayer(CacheLayerMixin):
         # concatenation); free slots already hold the defaults rank -1, valid, score 0
         n = self.keys.shape[-2]
         if self._bufs is None or n + q > self._bufs[0].shape[-2]:
-            self._reserve(n + q + max(GROWTH_MIN, (n + q) // GROWTH_DIV))
+            self._reserve(room(n + q))
         kbuf, vbuf, pbuf = self._bufs[:3]
         kbuf[:, :, n : n + q] = key_states
         vbuf[:, :, n : n + q] = value_states
@@ -170,12 +136,7 @@ class PruningLayer(CacheLayerMixin):
         """Move the held slots to the front of new buffers of ``slots`` slots; the rest are free, with defaults."""
         n = self.keys.shape[-2]
         held = (self.keys, self.values, self.positions, self.ranks, self.valid, self.scores)
-        bufs = tuple(t.new_empty((*t.shape[:2], slots, *t.shape[3:])) for t in held)
-        for buf, t, default in zip(bufs, held, _FREE_SLOT):
-            buf[:, :, :n] = t
-            if default is not None:
-                buf[:, :, n:] = default
-        self._bufs = bufs
+        self._bufs = tuple(grown(t, n, slots, 2, default) for t, default in zip(held, _FREE_SLOT))
         self._use_slots(n)
 
     def _adopt(self, keep: torch.Tensor) -> None:
@@ -203,11 +164,6 @@ class PruningLayer(CacheLayerMixin):
         """Tokens seen (logical), so generate's positions stay right after evictions."""
         return self.n_seen
 
-    def get_max_length(self) -> int:
-        return -1
-
-    get_max_cache_shape = get_max_length  # the same contract's name in transformers < 5.3
-
     def reset(self) -> None:
         self._meta: list[torch.Tensor | None] = [None, None, None, None]
         #: (keys, values, positions, ranks, valid, scores) buffers; the held slots are their first ``physical_length``
@@ -224,31 +180,13 @@ class PruningLayer(CacheLayerMixin):
         self.frozen = False  # prefill_only and past the first forward: no scores, no eviction
         self.is_initialized = False
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise UnsupportedGenerationModeError(
-            "a pruning cache cannot be rolled back (evicted tokens are gone), so assisted/speculative decoding "
-            "and prompt-lookup decoding are not supported; use greedy, sampling or beam search"
-        )
-
-    def _select_rows(self, index: torch.Tensor) -> None:
-        if not self.is_initialized:
-            return
-        index = check_row_index(index, self.keys.shape[0]).to(self.device)
+    def select_rows(self, index: torch.Tensor) -> None:
+        index = index.to(self.device)
         for name in ("keys", "values", "positions", "ranks", "valid", "scores", "n_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self._bufs = None  # the next token reserves new buffers
         self.all_valid = bool(self.valid.all())
         self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._select_rows(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(torch.as_tensor(indices))
 
     # -- the kvprune side: called by the attention function ------------------------------------
     def observe_padding(self, new_valid: torch.Tensor | None) -> None:
@@ -272,7 +210,7 @@ class PruningLayer(CacheLayerMixin):
         if ranks is not None:
             self.ranks[..., -q:] = ranks[:, None, :]
         if type(self.policy).initial_scores is not Policy.initial_scores:  # the default is the zeros update() wrote
-            init = self.policy.initial_scores(self.keys[..., -q:, :], self.ranks[..., -q:].long(), self.layer_idx)
+            init = self.policy.initial_scores(self.policy_keys(q), self.ranks[..., -q:].long(), self.layer_idx)
             self.scores[..., -q:] = init.to(torch.float32).expand(b, h, q)
 
     def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor | None:
@@ -344,7 +282,7 @@ class PruningLayer(CacheLayerMixin):
             return
         eff = self.scores
         if type(self.policy).eviction_scores is not Policy.eviction_scores:
-            eff = self.policy.eviction_scores(eff, self.keys, self.ranks, self.valid, self.n_valid)
+            eff = self.policy.eviction_scores(eff, self.policy_keys(), self.ranks, self.valid, self.n_valid)
         eff = rank_grid(eff).masked_fill(self.protected(caps), float("inf")).masked_fill(~self.valid, float("-inf"))
         s = self.keys.shape[-2]
         if s == cap + 1 and bool((caps == cap).all()):
@@ -370,11 +308,14 @@ class PruningLayer(CacheLayerMixin):
         if self.heads_aligned:  # once heads diverge they are treated as unaligned (a per-head mask)
             self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
 
-    # -- introspection -------------------------------------------------------------------------
-    @property
-    def physical_length(self) -> int:
-        """Slots held per (row, KV head)."""
-        return 0 if not self.is_initialized else self.keys.shape[-2]
+    def policy_keys(self, new: int = 0) -> torch.Tensor:
+        """The keys a policy reads, ``[B, H, S, D]`` float: the ``new`` newest slots, or every held slot with 0
+        (a quantized layer, kvprune.caches.quantized, dequantizes them)."""
+        return self.keys[..., -new:, :] if new else self.keys
 
-    def kv_bytes(self) -> int:
-        return 0 if not self.is_initialized else self.keys.nbytes + self.values.nbytes
+    # -- introspection (kvprune.caches.base.KVLayer) --------------------------------------------
+    def kept(self) -> torch.Tensor:
+        return self.valid.sum(-1)
+
+    def evicted(self) -> int:
+        return self.evictions

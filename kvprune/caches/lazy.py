@@ -15,10 +15,8 @@ import torch
 
 from ..errors import BatchMismatchError, CacheUsageError
 from ..policies.lazyllm import LazyLLM
-from .cache import CacheStats
 from .contract import StepContext, bind
-from .layer import check_layout
-from .accounting import held_bytes
+from .base import check_layout
 from .stepwise import StepwiseCache, StepwiseLayer, append_along
 
 
@@ -178,22 +176,9 @@ class LazyCache(StepwiseCache):
         self.append_state(new)
         self.n_seen += q
 
-    def stats(self) -> CacheStats:
-        """What the cache holds (LazyLLM evicts nothing; the Aux Cache, slot metadata and free buffer room are
-        metadata: every tensor the cache reaches is counted once)."""
-        layers = [layer for layer in self.layers if layer.is_initialized]
-        kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
-        return CacheStats(
-            tokens_seen=self.n_seen,
-            kept=[layer.valid.sum(-1, keepdim=True).expand(-1, layer.keys.shape[1]).cpu() for layer in layers],
-            slots=[layer.keys.shape[-2] for layer in layers],
-            evictions=[0 for _ in layers],
-            kv_bytes=kv,
-            metadata_bytes=held_bytes(self) - kv,
-        )
-
-    def compute_stats(self) -> dict[str, Any]:
-        """Token-layer computations done against the unpruned count (valid tokens x layers)."""
+    def method_stats(self) -> dict[str, Any]:
+        """LazyLLM evicts nothing (the Aux Cache and slot metadata count as metadata in ``stats()``); its counters:
+        token-layer computations done against the unpruned count (valid tokens x layers)."""
         if self.computed is None:
             return {"computed": 0, "baseline": 0, "max_per_token_layer": 0}
         n_valid = int(self.token_valid.sum())
@@ -203,3 +188,7 @@ class LazyCache(StepwiseCache):
             "max_per_token_layer": int(self.computed.max()),
             "per_layer": self.computed.sum(dim=(0, 1)).tolist(),
         }
+
+    def compute_stats(self) -> dict[str, Any]:
+        """``stats().method`` without the byte accounting: computations done against the unpruned count."""
+        return self.method_stats()

@@ -5,7 +5,9 @@ A vector (one token's key or value in one head) is quantized linearly over its o
 high ``msb`` bits and the low ``lsb`` bits are stored apart (LSBs of <= 4 bits two per byte), so
 a first pass reads only the MSBs; the LSBs are fetched only for rows that need them.
 Error bounds per element: ``scale / 2`` with both parts, ``scale * 2**lsb / 2`` with MSBs alone
-(MSB-only values are read at the middle of their LSB range).
+(MSB-only values are read at the middle of their LSB range). A part of 0 bits is stored empty, so
+``quantize(x, 8, 0)`` is plain 8-bit storage and ``quantize(x, 0, 4)`` 4-bit storage packed two per
+byte (the quantized KV storage of every method, :mod:`.quantized`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class QTensor:
         return sum(t.nbytes for t in self.tensors())
 
     @property
+    def device(self) -> torch.device:
+        return self.msb.device
+
+    @property
     def shape(self) -> torch.Size:
         return torch.Size((*self.msb.shape[:-1], self.dim))
 
@@ -73,21 +79,31 @@ def quantize(x: torch.Tensor, msb_bits: int, lsb_bits: int) -> QTensor:
     hi = xf.amax(-1, keepdim=True)
     scale = ((hi - lo) / levels).clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round((xf - lo) / scale).clamp(0, levels).to(torch.int32)
-    msb = (q >> lsb_bits).to(torch.uint8)
+    msb = (q >> lsb_bits).to(torch.uint8) if msb_bits else q.new_empty((*q.shape[:-1], 0), dtype=torch.uint8)
     lsb = (q & (2**lsb_bits - 1)).to(torch.uint8)
-    if lsb_bits <= 4:
+    if lsb_bits == 0:
+        lsb = lsb[..., :0]
+    elif lsb_bits <= 4:
         lsb = _pack(lsb)
     return QTensor(msb, lsb, lo, scale, msb_bits, lsb_bits, x.shape[-1])
 
 
+def levels(t: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The integer levels ``q`` of both parts, as ``dtype`` (``x ~ lo + q * scale``); a 0-bit part reads as 0."""
+    if t.lsb_bits == 0:
+        return t.msb.to(dtype)
+    lsb = _unpack(t.lsb, t.dim) if t.packed else t.lsb
+    if t.msb_bits == 0:
+        return lsb.to(dtype)
+    return ((t.msb.to(torch.int32) << t.lsb_bits) + lsb.to(torch.int32)).to(dtype)
+
+
 def dequantize(t: QTensor, dtype: torch.dtype, full: bool) -> torch.Tensor:
     """Values from both parts (``full``) or from the MSBs alone (middle of the LSB range)."""
-    msb = t.msb.to(torch.int32) << t.lsb_bits
     if full:
-        lsb = _unpack(t.lsb, t.dim) if t.packed else t.lsb
-        q = (msb + lsb.to(torch.int32)).float()
+        q = levels(t)
     else:
-        q = msb.float() + (2**t.lsb_bits - 1) / 2
+        q = (t.msb.to(torch.int32) << t.lsb_bits).float() + (2**t.lsb_bits - 1) / 2
     return (t.lo + q * t.scale).to(dtype)
 
 

@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 
-from ..errors import BatchMismatchError, CacheUsageError
+from ..errors import BatchMismatchError
 from ..policies.random import hash_uniform
 from ..policies.spatten import SpAtten
-from .cache import CacheStats
+from .base import check_layout
 from .contract import StepContext, bind
-from .accounting import held_bytes
 from .stepwise import StepwiseCache, StepwiseLayer
 from .quant import QTensor, cat, dequantize, quantize
 
@@ -132,13 +131,7 @@ class SpAttenLayer(StepwiseLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if key_states.shape[-1] != self.cache.head_dim[0] or value_states.shape[-1] != self.cache.head_dim[1] \
-                or key_states.dtype != self.dtype:
-            raise CacheUsageError(
-                f"layer {self.layer_idx} holds {self.dtype} keys/values of head size {self.cache.head_dim[0]}/"
-                f"{self.cache.head_dim[1]} but got {key_states.dtype} of {key_states.shape[-1]}/{value_states.shape[-1]}: "
-                "this cache belongs to another model; use one cache per model and conversation"
-            )
+        check_layout(self.layer_idx, self.keys, self.values, key_states, value_states, dtype=self.dtype)
         new_k = self._store(key_states.index_select(1, self.kv_heads), True)
         new_v = self._store(value_states.index_select(1, self.kv_heads), False)
         q = key_states.shape[-2]
@@ -198,11 +191,26 @@ class SpAttenLayer(StepwiseLayer):
             self.keys = _map(self.keys, lambda t: t.index_select(0, index))
             self.values = _map(self.values, lambda t: t.index_select(0, index))
 
-    @property
     def kv_bytes(self) -> int:
         if not self.is_initialized:
             return 0
         return sum(t.nbytes if isinstance(t, (torch.Tensor, QTensor)) else 0 for t in (self.keys, self.values))
+
+    @property
+    def physical_length(self) -> int:
+        return 0 if not self.is_initialized else self.valid.shape[1]
+
+    def kept(self) -> torch.Tensor:
+        """``[B, Hkv]`` tokens present per row; zero for the KV heads no longer stored here."""
+        per_row = self.valid.sum(-1)
+        heads = torch.zeros((per_row.shape[0], self.cache.num_kv_heads), dtype=per_row.dtype, device=per_row.device)
+        heads[:, self.kv_heads] = per_row[:, None]
+        return heads
+
+    def evicted(self) -> int:
+        """Tokens pruned away before this layer (the cascade), summed over rows."""
+        c = self.cache
+        return int(((c.depth <= self.layer_idx) & c.token_valid).sum())
 
 
 class SpAttenCache(StepwiseCache):
@@ -290,27 +298,11 @@ class SpAttenCache(StepwiseCache):
         """Per layer, ``[B, Hq]`` True where the query head is computed."""
         return [self.head_depth > i for i in range(len(self.layers))]
 
-    def stats(self) -> CacheStats:
-        """What the cache holds: K/V (packed parts when quantized) and, as metadata, every other tensor it reaches
-        (slot positions, token and head state, free buffer room), each counted once."""
-        layers = [layer for layer in self.layers if layer.is_initialized]
-        kept = []
-        for layer in layers:
-            per_row = layer.valid.sum(-1)
-            heads = torch.zeros((per_row.shape[0], self.num_kv_heads), dtype=per_row.dtype, device=per_row.device)
-            heads[:, layer.kv_heads] = per_row[:, None]
-            kept.append(heads.cpu())
-        kv = sum(layer.kv_bytes for layer in layers)
-        return CacheStats(
-            tokens_seen=self.n_seen,
-            kept=kept,
-            slots=[layer.valid.shape[1] for layer in layers],
-            evictions=[int(((self.depth <= layer.layer_idx) & self.token_valid).sum()) for layer in layers],
-            kv_bytes=kv,
-            metadata_bytes=held_bytes(self) - kv,
-        )
-
     def spatten_stats(self) -> dict[str, Any]:
+        """``stats().method`` without the byte accounting of every tensor."""
+        return self.method_stats()
+
+    def method_stats(self) -> dict[str, Any]:
         """Compute saved (attention dot products), memory held, and progressive-quantization traffic."""
         c = self.counters
         layers = [layer for layer in self.layers if layer.is_initialized]
@@ -325,7 +317,7 @@ class SpAttenCache(StepwiseCache):
             "heads_active_per_layer": [int(h.sum()) for h in self.active_heads()],
             "kv_heads_stored_per_layer": [int(layer.kv_heads.numel()) if layer.is_initialized else 0 for layer in self.layers],
             "attention_compute_fraction": c.qk_products / c.qk_products_full if c.qk_products_full else 1.0,
-            "kv_bytes": sum(layer.kv_bytes for layer in layers),
+            "kv_bytes": sum(layer.kv_bytes() for layer in layers),
             "kv_bytes_full_float": full_kv,
             "rows": c.rows,
             "rows_refetched": c.rows_refetched,

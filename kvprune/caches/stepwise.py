@@ -10,28 +10,23 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..errors import CacheUsageError, UnsupportedGenerationModeError
-from .layer import GROWTH_DIV, GROWTH_MIN, check_row_index
+from ..errors import CacheUsageError
+from .base import KVCache, KVLayer, check_row_index, grown, room
 
 
 def append_along(owner: Any, name: str, new: torch.Tensor, dim: int) -> None:
     """``owner.<name> = cat([owner.<name>, new], dim)``, amortised: the attribute is a view of a buffer with
     free room, and while it is still that view (nothing replaced it) appending writes into the room."""
-    grown: dict[str, tuple[torch.Tensor, torch.Tensor]] = owner.__dict__.setdefault("_grown", {})
+    bufs: dict[str, tuple[torch.Tensor, torch.Tensor]] = owner.__dict__.setdefault("_grown", {})
     cur = getattr(owner, name)
     n, q = (0 if cur is None else cur.shape[dim]), new.shape[dim]
-    buf, view = grown.get(name, (None, None))
+    buf, view = bufs.get(name, (None, None))
     if cur is None or view is not cur or n + q > buf.shape[dim]:
-        shape = list(new.shape)
-        shape[dim] = n + q + max(GROWTH_MIN, (n + q) // GROWTH_DIV)
-        buf = new.new_empty(shape)
-        if n:
-            buf.narrow(dim, 0, n).copy_(cur)
+        buf = grown(new if cur is None else cur, n, room(n + q), dim)
     buf.narrow(dim, n, q).copy_(new)
     view = buf.narrow(dim, 0, n + q)
-    grown[name] = (buf, view)
+    bufs[name] = (buf, view)
     setattr(owner, name, view)
 
 
@@ -49,15 +44,12 @@ def release_stale(owner: Any) -> None:
         del grown[name]
 
 
-class StepwiseLayer(CacheLayerMixin):
-    """Layer contract shared by LazyLLM's and SpAtten's layers: no rollback, no compile, masks built by kvprune."""
+class StepwiseLayer(KVLayer):
+    """What LazyLLM's and SpAtten's layers share: ``[B, N]`` slot positions and validity, compaction, masks sized
+    by kvprune."""
 
-    is_compileable = False
-    is_sliding = False
-    is_croppable = False
-    supports_early_init = False
-    #: named in the error a rollback raises
     METHOD: ClassVar[str] = "stepwise"
+    ROLLBACK: ClassVar[str] = "what it pruned was never kept"
 
     # slots are [B, N] with ``positions`` and ``valid``; K/V are [B, H, N, ...]
     positions: torch.Tensor
@@ -89,19 +81,12 @@ class StepwiseLayer(CacheLayerMixin):
         q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
         return q, 0
 
-    def get_max_length(self) -> int:
-        return -1
-
-    get_max_cache_shape = get_max_length  # transformers < 5.3
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise UnsupportedGenerationModeError(
-            f"a {self.METHOD} cache cannot be rolled back (what it pruned was never kept), so assisted/speculative "
-            "decoding is not supported; use greedy, sampling or beam search"
-        )
+    def kept(self) -> torch.Tensor:
+        """Valid slots per row, the same for each KV head: ``[B, Hkv]``."""
+        return self.valid.sum(-1, keepdim=True).expand(-1, self.keys.shape[1])
 
 
-class StepwiseCache(Cache):
+class StepwiseCache(KVCache):
     """Base of :class:`~kvprune.caches.lazy.LazyCache` and :class:`~kvprune.caches.spatten.SpAttenCache`."""
 
     #: per-row state tensors (batch first) reordered with the layers by beam search
@@ -136,16 +121,6 @@ class StepwiseCache(Cache):
     def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
         q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
         return self.n_seen + q, 0
-
-    #: what was pruned was never kept: ``generate`` refuses assisted/prompt-lookup decoding up front
-    refuses_rollback = True
-
-    def crop(self, *args: Any, **kwargs: Any) -> None:
-        self.layers[0].crop(0)  # raises UnsupportedGenerationModeError
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
 
     def _select_rows(self, index: torch.Tensor) -> None:
         if self.token_valid is not None:
