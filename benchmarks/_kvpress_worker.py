@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import traceback
 
 _OUT = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol channel
@@ -52,7 +51,7 @@ from kvpress.utils import compute_n_kept
 from transformers import AutoModelForCausalLM, DynamicCache
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _greedy import answer  # noqa: E402
+from _loops import answer_examples, teacher_force  # noqa: E402
 
 #: presses run by default; "full" is the uncompressed DynamicCache
 PRESSES = (
@@ -110,133 +109,55 @@ class Worker:
     # -- commands -------------------------------------------------------------------------
     def init(self, threads: int, model_dir: str, seq_path: str, prompt_len: int, qa: dict | None) -> dict:
         torch.set_num_threads(int(threads))
-        for impl in ("sdpa", "eager"):
-            self.models[impl] = AutoModelForCausalLM.from_pretrained(
-                model_dir, attn_implementation=impl, dtype=torch.float32
-            ).eval()
+        self.models = _load_model(model_dir)
         self.seqs = torch.load(seq_path)
         self.prompt_len = int(prompt_len)
-        lp, _, _, _ = self._teacher_force("full", 0.0)
+        lp, *_ = self._teacher_force("full", 0.0)
         self.ref = lp
-        out = {
-            "versions": {
-                "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else _dist_version("kvpress"),
-                "transformers": transformers.__version__,
-                "torch": torch.__version__,
-                "python": sys.version.split()[0],
-            },
-            "threads": torch.get_num_threads(),
-            "nll_full": fidelity_metrics(lp, lp, self.seqs[:, self.prompt_len:])["nll_full"],
-        }
+        out = {**_environment(), "nll_full": fidelity_metrics(lp, lp, self.seqs[:, self.prompt_len:])["nll_full"]}
         if qa:
-            for impl in ("sdpa", "eager"):
-                self.qa_models[impl] = AutoModelForCausalLM.from_pretrained(
-                    qa["model_dir"], attn_implementation=impl, dtype=torch.float32
-                ).eval()
-            with open(qa["examples_path"]) as f:
-                self.qa_examples = json.load(f)
+            self._load_qa(qa["model_dir"], qa["examples_path"])
         return out
 
     def init_qa(self, threads: int, model_dir: str, examples_path: str) -> dict:
         """QA only (no fidelity sequences): load the model folder and the examples' token ids."""
         torch.set_num_threads(int(threads))
-        for impl in ("sdpa", "eager"):
-            self.qa_models[impl] = AutoModelForCausalLM.from_pretrained(
-                model_dir, attn_implementation=impl, dtype=torch.float32
-            ).eval()
+        self._load_qa(model_dir, examples_path)
+        return _environment()
+
+    def _load_qa(self, model_dir: str, examples_path: str) -> None:
+        self.qa_models = _load_model(model_dir)
         with open(examples_path) as f:
             self.qa_examples = json.load(f)
-        return {"versions": {"kvpress": _dist_version("kvpress"), "transformers": transformers.__version__,
-                             "torch": torch.__version__, "python": sys.version.split()[0]},
-                "threads": torch.get_num_threads()}
-
-    def qa_aware(self, press: str, ratio: float, max_new_tokens: int, stop_ids: list[int]) -> dict:
-        """Query-aware: context and question are one prefill under the press, then greedy decoding."""
-        model = self.qa_models["eager" if press in EAGER else "sdpa"]
-        stop = {int(s) for s in stop_ids}
-        preds, prefill, decode, kept = [], [], [], []
-        with torch.inference_mode():
-            for ex in self.qa_examples:
-                ids = torch.tensor([ex["context_ids"] + ex["question_ids"]])
-                n = ids.shape[1]
-                pr = make_press(press, float(ratio), n)
-                cache = DynamicCache()
-                t0 = time.perf_counter()
-                if pr is None:
-                    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-                else:
-                    with pr(model):
-                        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-                t1 = time.perf_counter()
-                kept.append(_mean_kept(cache))
-                nxt = int(logits[0, -1].argmax())
-                gen, step = [nxt], n
-                while nxt not in stop and len(gen) < max_new_tokens:
-                    logits = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache,
-                                   position_ids=torch.tensor([[step]]), use_cache=True).logits
-                    step += 1
-                    nxt = int(logits[0, -1].argmax())
-                    gen.append(nxt)
-                preds.append(gen)
-                prefill.append(t1 - t0)
-                decode.append(time.perf_counter() - t1)
-        return {"predictions": preds, "prefill_s": prefill, "decode_s": decode, "kept_after_prefill": kept}
 
     def _teacher_force(self, name: str, ratio: float):
         model = self.models["eager" if name in EAGER else "sdpa"]
-        seq, p = self.seqs, self.prompt_len
-        length = seq.shape[1]
-        press = make_press(name, ratio, p)
-        cache = DynamicCache()
-        out = []
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            if press is None:
-                logits = model(input_ids=seq[:, :p], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-            else:
-                with press(model):
-                    logits = model(input_ids=seq[:, :p], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-            out.append(torch.log_softmax(logits[:, -1].float(), dim=-1))
-            t1 = time.perf_counter()
-            kept_prefill = _mean_kept(cache)
-            for t in range(p, length - 1):
-                pos = torch.full((seq.shape[0], 1), t, dtype=torch.long)
-                logits = model(input_ids=seq[:, t : t + 1], past_key_values=cache, position_ids=pos, use_cache=True).logits
-                out.append(torch.log_softmax(logits[:, -1].float(), dim=-1))
-            t2 = time.perf_counter()
-        return torch.stack(out, dim=1), t1 - t0, t2 - t1, (kept_prefill, _mean_kept(cache))
+        press = make_press(name, ratio, self.prompt_len)
+        return teacher_force(model, self.seqs, self.prompt_len, DynamicCache(), press, _mean_kept)
 
     def fidelity(self, press: str, ratio: float) -> dict:
-        lp, prefill_s, decode_s, (kept_prefill, kept_end) = self._teacher_force(press, float(ratio))
+        lp, prefill_s, decode_s, kept_prefill, kept_end = self._teacher_force(press, float(ratio))
         n = self.seqs.shape[0]
         m = fidelity_metrics(lp, self.ref, self.seqs[:, self.prompt_len:])
         return {**m, "prefill_s": prefill_s / n, "decode_s": decode_s / n,
                 "kept_after_prefill": kept_prefill, "kept_end": kept_end}
 
     def qa(self, press: str, ratio: float, max_new_tokens: int, stop_ids: list[int]) -> dict:
+        """Query-agnostic: the context is prefilled under the press, then the question, then greedy decoding."""
+        return self._answer(press, ratio, max_new_tokens, stop_ids, query_aware=False)
+
+    def qa_aware(self, press: str, ratio: float, max_new_tokens: int, stop_ids: list[int]) -> dict:
+        """Query-aware: context and question are one prefill under the press, then greedy decoding."""
+        return self._answer(press, ratio, max_new_tokens, stop_ids, query_aware=True)
+
+    def _answer(self, press: str, ratio: float, max_new_tokens: int, stop_ids: list[int], query_aware: bool) -> dict:
         model = self.qa_models["eager" if press in EAGER else "sdpa"]
-        stop = {int(s) for s in stop_ids}
-        preds, prefill, decode, kept = [], [], [], []
-        with torch.inference_mode():
-            for ex in self.qa_examples:
-                ctx = torch.tensor([ex["context_ids"]])
-                q = torch.tensor([ex["question_ids"]])
-                n_ctx = ctx.shape[1]
-                pr = make_press(press, float(ratio), n_ctx)
-                cache = DynamicCache()
-                t0 = time.perf_counter()
-                if pr is None:
-                    model.model(input_ids=ctx, past_key_values=cache, use_cache=True)
-                else:
-                    with pr(model):
-                        model.model(input_ids=ctx, past_key_values=cache, use_cache=True)
-                kept.append(_mean_kept(cache))
-                gen, t1 = answer(model, cache, q, n_ctx, max_new_tokens, stop)
-                t2 = time.perf_counter()
-                preds.append(gen)
-                prefill.append(t1 - t0)
-                decode.append(t2 - t1)
-        return {"predictions": preds, "prefill_s": prefill, "decode_s": decode, "kept_after_prefill": kept}
+
+        def setup(n: int, _n_question: int):
+            return DynamicCache(), make_press(press, float(ratio), n)
+
+        return answer_examples(model, self.qa_examples, setup, max_new_tokens, {int(s) for s in stop_ids}, _mean_kept,
+                               query_aware=query_aware)
 
 
 def _mean_kept(cache) -> float:
@@ -248,6 +169,20 @@ def _dist_version(name: str) -> str:
     from importlib.metadata import version
 
     return version(name)
+
+
+def _load_model(model_dir: str) -> dict[str, torch.nn.Module]:
+    """The saved model folder twice: SDPA, and eager for the presses that need attention weights."""
+    return {impl: AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32).eval()
+            for impl in ("sdpa", "eager")}
+
+
+def _environment() -> dict:
+    """The versions on this side and the torch thread count, as ``init`` and ``init_qa`` reply."""
+    return {"versions": {"kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else _dist_version("kvpress"),
+                         "transformers": transformers.__version__, "torch": torch.__version__,
+                         "python": sys.version.split()[0]},
+            "threads": torch.get_num_threads()}
 
 
 def main() -> None:
