@@ -1,0 +1,90 @@
+"""Decode-step attention over quantized KV records, block by block, without a float copy of the cache.
+
+A record holds a vector's integer levels ``c`` with its offset ``lo`` and scale ``s`` (``x ~ lo + s * c``), so
+a query's logits and the output are computed from the levels directly:
+``q . k = s_k * (q . c_k) + lo_k * sum(q)`` and ``sum_j p_j v_j = sum_j (p_j s_j) c_j + sum_j p_j lo_j``.
+Keys and values are read in blocks of at most ``BLOCK_ELEMENTS`` levels (as float32), so the extra memory of a
+step is one block, not the cache. The newest token (this step's) is read in float. The softmax row is the
+observation the policy declared (any kind: a one-query forward's rows are all its rows), averaged per KV group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..caches.quant import levels
+from ..caches.quantized import QuantizedLayer, QuantizedPruningCache, parse_kv_bits
+from ..errors import InvalidParameterError
+from .attention import BLOCK_ELEMENTS, estimate_observation
+
+
+def _block(per_slot: int) -> int:
+    """Slots per block: at most ``BLOCK_ELEMENTS`` float32 levels at once."""
+    return max(1, BLOCK_ELEMENTS // max(1, per_slot))
+
+
+def quantized_decode_attention(
+    layer: QuantizedLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: str, scaling: float,
+    sliding_window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One query per row against the layer's records: ``([B, 1, Hq, Dv], observation [B, Hkv, S] or None)``.
+
+    The new token is real in every row (a one-token step of ``generate``); ``backend`` does not matter here
+    (the row is computed explicitly, like the float path's observed decode rows).
+    """
+    layer.observe_padding(None)
+    kc, vc = layer.codecs
+    krec, vrec = layer.keys, layer.values  # [B, Hkv, S, R]
+    fresh_k, fresh_v = layer.fresh  # [B, Hkv, 1, D]
+    b, hq, _, d = query.shape
+    hkv, s = krec.shape[1], krec.shape[-2]
+    g = hq // hkv
+    old = s - 1  # every slot but this step's token
+    qs = (query.float() * scaling).reshape(b, hkv, g, d)
+    qsum = qs.sum(-1, keepdim=True)  # [B, Hkv, G, 1]
+    logits = torch.empty((b, hkv, g, s), dtype=torch.float32, device=query.device)
+    step = _block(b * hkv * kc.dim)
+    for a in range(0, old, step):
+        e = min(old, a + step)
+        t = kc.view(krec[:, :, a:e])
+        dots = torch.matmul(qs, levels(t).transpose(-1, -2))  # [B, Hkv, G, n]
+        logits[..., a:e] = dots * t.scale[..., 0][:, :, None, :] + qsum * t.lo[..., 0][:, :, None, :]
+    logits[..., old:] = torch.matmul(qs, fresh_k.float().transpose(-1, -2))
+    allowed = layer.attention_allowed(1, sliding_window)  # [B, H or 1, 1, S] or None
+    if allowed is not None:
+        logits.masked_fill_(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.matmul(probs[..., old:], fresh_v.float())  # [B, Hkv, G, Dv]
+    step = _block(b * hkv * vc.dim)
+    for a in range(0, old, step):
+        e = min(old, a + step)
+        t = vc.view(vrec[:, :, a:e])
+        p = probs[..., a:e]
+        out += torch.matmul(p * t.scale[..., 0][:, :, None, :], levels(t))
+        out += (p * t.lo[..., 0][:, :, None, :]).sum(-1, keepdim=True)
+    obs = None
+    if not layer.frozen and layer.policy.observation != "none":
+        qv = torch.ones((b, 1), dtype=torch.bool, device=query.device)
+        obs, _ = estimate_observation(layer.policy, query, key, allowed, qv, scaling, probs=probs.unsqueeze(3))
+    return out.reshape(b, hq, 1, -1).transpose(1, 2).to(query.dtype).contiguous(), obs
+
+
+def check_kv_bits(kv_bits: object, stepwise: bool, method: str) -> tuple[int, int] | None:
+    """Validate ``kv_bits`` for ``method`` before anything changes: LazyLLM and SpAtten refuse it (typed error)."""
+    bits = parse_kv_bits(kv_bits)
+    if bits is not None and stepwise:
+        hint = ("SpAtten quantizes with its own progressive scheme: pass quant_bits=(msb, lsb), e.g. (8, 4)"
+                if method == "spatten" else "LazyLLM keeps a full cache (it saves compute, not memory) and has no "
+                "quantized storage yet")
+        raise InvalidParameterError(f"kv_bits applies to the eviction policies, not to {method}: {hint}")
+    return bits
+
+
+def make_quantized_cache(model: torch.nn.Module, policy: Any, budget: Any, bits: tuple[int, int], **kwargs: Any
+                         ) -> QuantizedPruningCache:
+    """A :class:`QuantizedPruningCache` for ``model`` with the block-wise decode attention attached."""
+    cache = QuantizedPruningCache(policy, budget, kv_bits=bits, config=model.config, **kwargs)
+    cache.attach_attention(quantized_decode_attention)
+    return cache
