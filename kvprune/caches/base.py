@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import CacheUsageError, InvalidParameterError, UnsupportedGenerationModeError
+from ..distributed import parallel_of, total_stats
 from .accounting import held_bytes
 
 #: a full buffer grows by max(GROWTH_MIN, held // GROWTH_DIV) free slots (amortised appends, <= 1/8 slack)
@@ -166,10 +167,16 @@ class KVCache(Cache):
         """The method's own counters for :attr:`CacheStats.method` (none by default)."""
         return {}
 
-    def stats(self) -> CacheStats:
-        """What the cache holds now; K/V bytes plus metadata bytes is every tensor byte it keeps alive."""
+    def stats(self, total: bool = False) -> CacheStats:
+        """What the cache holds now; K/V bytes plus metadata bytes is every tensor byte it keeps alive.
+
+        On a tensor-parallel model this is what this rank holds (its own KV heads); ``total=True`` sums it over
+        the ranks (``kept`` then lists every KV head, in global order). That is a collective: every rank must call it.
+        """
         layers = [layer for layer in self.layers if layer.is_initialized]
         kv = sum(layer.kv_bytes() for layer in layers)
+        if total:
+            return total_stats(self.stats(), parallel_of(self), getattr(self, "EVICTIONS_PER_TOKEN", False))
         return CacheStats(
             tokens_seen=self.get_seq_length(),
             kept=[layer.kept().cpu() for layer in layers],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import parallel_of
 from ..errors import BatchMismatchError, CacheUsageError, UnsupportedGenerationModeError
 from ..policies import Policy
 from ..policies.base import rank_grid
@@ -210,7 +211,9 @@ class PruningLayer(KVLayer):
         if ranks is not None:
             self.ranks[..., -q:] = ranks[:, None, :]
         if type(self.policy).initial_scores is not Policy.initial_scores:  # the default is the zeros update() wrote
-            init = self.policy.initial_scores(self.policy_keys(q), self.ranks[..., -q:].long(), self.layer_idx)
+            keyed = getattr(self.policy, "keyed_by_head", False)  # e.g. random: hashed by the global head index
+            extra = {"head_offset": parallel_of(self).head_offset(h)} if keyed else {}
+            init = self.policy.initial_scores(self.policy_keys(q), self.ranks[..., -q:].long(), self.layer_idx, **extra)
             self.scores[..., -q:] = init.to(torch.float32).expand(b, h, q)
 
     def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import SINGLE, TensorParallel
 from ..errors import BatchMismatchError
 from ..policies.random import hash_uniform
 from ..policies.spatten import SpAtten
@@ -121,19 +122,22 @@ class SpAttenLayer(StepwiseLayer):
         if self.cache.head_dim is None:
             self.cache.head_dim = (key_states.shape[-1], value_states.shape[-1])
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.kv_heads = torch.nonzero(self.cache.kv_heads_alive(self.layer_idx)).flatten().to(self.device)
+        # a tensor-parallel rank holds KV heads kv_start..: kv_heads stay global, the incoming states are local
+        self.kv_start, stop = self.cache.parallel.local_range(self.cache.num_kv_heads)
+        alive = self.cache.kv_heads_alive(self.layer_idx)[self.kv_start : stop]
+        self.kv_heads = (self.kv_start + torch.nonzero(alive).flatten()).to(self.device)
         self.positions = torch.empty((key_states.shape[0], 0), dtype=torch.long, device=self.device)
         self.valid = torch.empty((key_states.shape[0], 0), dtype=torch.bool, device=self.device)
-        self.keys = self._store(key_states[:, self.kv_heads, :0], True)
-        self.values = self._store(value_states[:, self.kv_heads, :0], False)
+        self.keys = self._store(key_states[:, self.kv_heads - self.kv_start, :0], True)
+        self.values = self._store(value_states[:, self.kv_heads - self.kv_start, :0], False)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         check_layout(self.layer_idx, self.keys, self.values, key_states, value_states, dtype=self.dtype)
-        new_k = self._store(key_states.index_select(1, self.kv_heads), True)
-        new_v = self._store(value_states.index_select(1, self.kv_heads), False)
+        new_k = self._store(key_states.index_select(1, self.kv_heads - self.kv_start), True)
+        new_v = self._store(value_states.index_select(1, self.kv_heads - self.kv_start), False)
         q = key_states.shape[-2]
         free = ~self.valid
         if q == 1 and bool(free.any(-1).all()):  # a decode step: reuse a freed slot in every row
@@ -203,8 +207,9 @@ class SpAttenLayer(StepwiseLayer):
     def kept(self) -> torch.Tensor:
         """``[B, Hkv]`` tokens present per row; zero for the KV heads no longer stored here."""
         per_row = self.valid.sum(-1)
-        heads = torch.zeros((per_row.shape[0], self.cache.num_kv_heads), dtype=per_row.dtype, device=per_row.device)
-        heads[:, self.kv_heads] = per_row[:, None]
+        n_kv = self.cache.num_kv_heads // self.cache.parallel.size  # this rank's KV heads (all, in one process)
+        heads = torch.zeros((per_row.shape[0], n_kv), dtype=per_row.dtype, device=per_row.device)
+        heads[:, self.kv_heads - self.kv_start] = per_row[:, None]
         return heads
 
     def evicted(self) -> int:
@@ -217,6 +222,11 @@ class SpAttenCache(StepwiseCache):
     """The cache ``model.generate`` carries for SpAtten (build it with ``kvprune.make_cache(model, "spatten")``)."""
 
     ROW_STATE = ("token_valid", "depth", "score", "head_depth", "head_score")
+    #: the tensor-parallel group (kvprune.make_cache attaches the model's): token and head state stay global and
+    #: identical on every rank; each rank stores and computes only its own heads
+    parallel: TensorParallel = SINGLE
+    #: ``stats().evictions`` counts pruned tokens per row, not per KV head (every rank counts the same)
+    EVICTIONS_PER_TOKEN = True
 
     def __init__(self, policy: SpAtten, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
         self.policy = policy
@@ -311,7 +321,7 @@ class SpAttenCache(StepwiseCache):
             elem = torch.empty((), dtype=layers[0].dtype).element_size()
             b = self.token_valid.shape[0]
             d_k = layers[0].keys.shape[-1]
-            full_kv = 2 * b * self.num_kv_heads * self.n_seen * d_k * elem * len(self.layers)
+            full_kv = 2 * b * (self.num_kv_heads // self.parallel.size) * self.n_seen * d_k * elem * len(self.layers)
         return {
             "tokens_kept_per_layer": [int(k.sum()) for k in self.kept_tokens()],
             "heads_active_per_layer": [int(h.sum()) for h in self.active_heads()],

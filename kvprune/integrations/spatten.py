@@ -64,7 +64,8 @@ def spatten_forward(
     n_valid = cache.token_valid.sum(-1)  # [B]
     k_new = valid.sum(-1)
     # what an unpruned cache would do this step, per layer: causal (query, key) pairs over every head
-    cache.step_full_pairs = int((k_new * n_valid - k_new * (k_new - 1) // 2).sum()) * cache.num_heads
+    # (over this rank's heads when the model is tensor-parallel: the counters are the rank's own)
+    cache.step_full_pairs = int((k_new * n_valid - k_new * (k_new - 1) // 2).sum()) * (cache.num_heads // cache.parallel.size)
     run_layers(base, cache, _SpAttenStep(cache, valid, start), hidden, position_ids, offset=start)
     return final_output(base, cache, hidden, cache.depth[:, start:] == len(cache.layers))
 
@@ -118,7 +119,9 @@ def spatten_attention(
     cache = layer.cache
     policy: SpAtten = cache.policy
     b, hq, q, _ = query.shape
-    group = hq // cache.num_kv_heads
+    group = cache.num_heads // cache.num_kv_heads
+    # head indices are global (head_depth, head_score, kv_heads); a tensor-parallel rank's query holds heads q0..
+    q0 = cache.parallel.local_range(cache.num_heads)[0]
     allowed = layer.attention_allowed(q, sliding_window)  # [B, 1, q, N]
     qvalid = layer.step.query_valid  # [B, q]
     active = cache.head_depth > layer.layer_idx  # [B, Hq]
@@ -128,6 +131,7 @@ def spatten_attention(
     n = keys_first.shape[-2]
     out = query.new_zeros((b, hq, q, values_first.shape[-1]))
     token_score = torch.zeros((b, n), dtype=torch.float32, device=query.device)
+    head_gain = torch.zeros((b, cache.num_heads), dtype=torch.float32, device=query.device)
     qw = qvalid.to(torch.float32)
     n_keys = allowed[:, 0].sum(-1).to(torch.float32) * qw  # [B, q] keys each real query reads
     elem = keys_first.element_size()
@@ -139,7 +143,7 @@ def spatten_attention(
         if sel.numel() == 0:
             continue
         heads, act = heads[sel], act[:, sel].to(torch.float32)
-        qg = query[:, heads]  # [B, G', q, D]
+        qg = query[:, heads - q0]  # [B, G', q, D]
         kg, vg = keys_first[:, j], values_first[:, j]
         row_w = act[:, :, None] * qw[:, None, :]  # [B, G', q]: real query rows of present heads
         step = max(1, BLOCK_ELEMENTS // max(1, b * sel.numel() * n))
@@ -182,13 +186,18 @@ def spatten_attention(
             # Algorithm 1: importance += probabilities summed over the present heads and the real queries
             token_score += (p * row_w[:, :, s0:s1, None]).sum(dim=(1, 2))
         og = og * act[:, :, None, None].to(og.dtype)  # heads pruned in some rows only (batch > 1): zero there
-        out[:, heads] = og
+        out[:, heads - q0] = og
         # head importance: L1 magnitude of each head's attention output over the real queries
-        cache.head_score[:, heads] += (og.float().abs().sum(-1) * qw[:, None, :]).sum(-1) * act
+        head_gain[:, heads] = (og.float().abs().sum(-1) * qw[:, None, :]).sum(-1) * act
         c.rows += int(row_w.sum())
         c.qk_products += int((n_keys[:, None, :] * row_w).sum())
     c.qk_products_full += cache.step_full_pairs
     c.bytes_read_full += cache.step_full_pairs * (keys_first.shape[-1] + values_first.shape[-1]) * query.element_size()
+    # tensor parallel: both scores combine every rank's heads (one all-reduce), so all ranks prune alike
+    if cache.parallel.active:
+        both = cache.parallel.all_reduce_sum(torch.cat([token_score, head_gain], dim=-1))
+        token_score, head_gain = both[:, :n], both[:, n:]
+    cache.head_score += head_gain
     token_score = token_score.masked_fill(~layer.valid, 0.0)
     cache.score.scatter_add_(1, layer.positions.clamp(min=0), token_score)
     return out.transpose(1, 2).contiguous(), None

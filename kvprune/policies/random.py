@@ -1,7 +1,8 @@
 """Random eviction: the floor every policy must beat.
 
 Each token gets a pseudo-random score hashed from (seed, layer, KV head, its index among the row's
-valid tokens), so results are deterministic and a row's choices do not depend on its batch.
+valid tokens), so results are deterministic and a row's choices do not depend on its batch. The KV head
+is its global index, so a tensor-parallel rank (which holds a slice of the heads) draws what one process does.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class RandomPolicy(Policy):
         super().__post_init__()
         check_int("seed", self.seed, 0)
 
-    def initial_scores(self, keys: torch.Tensor, ranks: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        heads = torch.arange(ranks.shape[1], device=ranks.device).view(1, -1, 1)
+    keyed_by_head = True  # a head's hash uses its global index: a tensor-parallel rank draws what one process does
+
+    def initial_scores(self, keys: torch.Tensor, ranks: torch.Tensor, layer_idx: int, head_offset: int = 0) -> torch.Tensor:
+        heads = torch.arange(head_offset, head_offset + ranks.shape[1], device=ranks.device).view(1, -1, 1)
         return hash_uniform(self.seed, layer_idx, heads, ranks)

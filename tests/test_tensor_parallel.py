@@ -1,0 +1,125 @@
+"""Tensor parallelism: every method under ``torchrun --nproc-per-node 2`` (gloo, CPU) equals one process.
+
+A tiny 4-layer Llama (4 query / 2 KV heads) is saved to a temporary folder and loaded twice: here, as one
+process, and by two ranks with ``tp_plan="auto"`` (``tests/tp_worker.py``), so that each rank holds one KV
+head. For every method, on batch 1 and on a left-padded batch of 3, 12 greedy tokens: every rank's tokens
+equal the single-process tokens, and the ranks' keep-sets together (keyed by global KV head) equal the
+single-process keep-sets. LazyLLM's at-most-once and SpAtten's cascade invariants are checked on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import tp_worker
+
+pytestmark = pytest.mark.integration
+
+HERE = Path(__file__).resolve().parent
+#: the two ranks take ~15 s on an idle 2-core box (interpreter start, gloo rendezvous, 24 generates each)
+TIMEOUT_S = 240
+
+
+def _gloo_missing() -> str | None:
+    if not torch.distributed.is_available():
+        return "this torch build has no torch.distributed"
+    if not torch.distributed.is_gloo_available():
+        return "this torch build has no gloo backend"
+    return None
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``(single-process record, [rank 0 record, rank 1 record])`` from tests/tp_worker.py."""
+    reason = _gloo_missing()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("tp")
+    model_dir, out_dir = root / "model", root / "out"
+    out_dir.mkdir()
+    tiny_model("llama", num_hidden_layers=4).save_pretrained(model_dir)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    reference = tp_worker.run(model)
+    reference["_unaware"] = tp_worker.unaware(model)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(HERE / "tp_worker.py"), str(model_dir), str(out_dir), "--tp"]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s (a rank waiting in a collective?): {e.stderr!s:.3000}")
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
+    ranks = [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
+    return reference, ranks
+
+
+def _cases():
+    return [f"{m}/{b}" for b in ("b1", "b3") for m in tp_worker.METHODS]
+
+
+@pytest.mark.parametrize("case", _cases())
+def test_every_rank_generates_the_single_process_tokens(runs, case):
+    reference, ranks = runs
+    assert reference[case]["broken"] == [], reference[case]["broken"]
+    for rank, record in enumerate(ranks):
+        assert record[case]["tokens"] == reference[case]["tokens"], f"rank {rank}"
+
+
+@pytest.mark.parametrize("case", _cases())
+def test_ranks_keep_their_own_heads_and_together_the_single_process_keep_sets(runs, case):
+    reference, ranks = runs
+    merged = {}
+    for rank, record in enumerate(ranks):
+        keep = record[case]["keep"]
+        if not case.startswith("lazyllm"):  # LazyLLM's sets are per row (every head holds the same tokens)
+            heads = {int(key.split("/")[2]) for key in keep}
+            assert heads <= {rank}, f"rank {rank} holds KV heads {sorted(heads)}; it should hold only head {rank}"
+        merged.update(keep)
+    assert merged == reference[case]["keep"]
+
+
+@pytest.mark.parametrize("case", [c for c in _cases() if c.split("/")[0] in ("lazyllm", "spatten")])
+def test_lazyllm_and_spatten_invariants_and_state_hold_on_every_rank(runs, case):
+    reference, ranks = runs
+    state = ("computed",) if case.startswith("lazyllm") else ("depth", "head_depth")
+    for rank, record in enumerate(ranks):
+        assert record[case]["broken"] == [], f"rank {rank}: {record[case]['broken']}"
+        for name in state:
+            assert record[case][name] == reference[case][name], f"rank {rank}: {name}"
+
+
+@pytest.mark.parametrize("case", ["tova/b3", "spatten/b3"])
+def test_stats_report_the_rank_and_on_request_the_total(runs, case):
+    reference, ranks = runs
+    want = reference[case]["stats"]
+    for rank, record in enumerate(ranks):
+        got = record[case]["stats"]
+        assert got["kept"] == [[row[rank : rank + 1] for row in layer] for layer in want["kept"]], f"rank {rank}"
+        assert got["kv_bytes"] * 2 == want["kv_bytes"]
+        assert got["total_kept"] == want["kept"] and got["total_kv_bytes"] == want["kv_bytes"]
+        assert got["total_evictions"] == want["total_evictions"]
+
+
+def test_reductions_run_only_for_decisions_that_combine_heads(runs):
+    _, ranks = runs
+    for record in ranks:
+        calls = {case: record[case]["reduce_calls"] for case in _cases()}
+        combined = {c for c in calls if c.split("/")[0] in ("tova", "lazyllm", "spatten")}
+        assert all(calls[c] > 0 for c in combined), calls
+        assert all(calls[c] == 0 for c in calls if c not in combined), calls
+
+
+def test_a_cache_that_does_not_know_the_group_is_refused_on_every_rank(runs):
+    reference, ranks = runs
+    assert reference["_unaware"] == "none"  # one process: the same cache is fine
+    assert [r["_unaware"] for r in ranks] == ["CacheUsageError", "CacheUsageError"]
