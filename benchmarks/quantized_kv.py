@@ -27,7 +27,7 @@ from kvprune.models import load_smollm2
 
 POLICY = {"query_aware": "tova", "query_agnostic": "keydiff"}
 TASKS = "niah_single,niah_multikey,vartrack"
-BITS = {"float": None, "int8": 8, "int4": 4}
+BITS = {"float": None, "int8": 8, "int4": 4, "k8v4": (8, 4)}
 
 
 def _rows(paths: list[Path]) -> list[dict]:
@@ -56,7 +56,7 @@ def cells(paths: list[Path], min_full: float = 0.5) -> dict[tuple, dict]:
 
 def summarise(paths: list[Path]) -> str:
     out = ["| protocol | policy | storage | budget | accuracy (95 % CI) | KV MiB held | n |", "|---|---|---|---|---|---|---|"]
-    order = {"float": 0, "int8": 1, "int4": 2}
+    order = {"float": 0, "int8": 1, "k8v4": 2, "int4": 3}
     for (protocol, storage, budget), c in sorted(cells(paths).items(), key=lambda kv: (kv[0][0], kv[0][2], order[kv[0][1]])):
         policy = "full" if budget == 1.0 else c["policy"]
         out.append(f"| {protocol} | {policy} | {storage} | {budget} | {c['acc']:.2f} ({c['ci'][0]:.2f}-{c['ci'][1]:.2f}) | "
@@ -74,7 +74,7 @@ def plot(paths: list[Path], png: Path) -> None:
     data = cells(paths)
     protocols = sorted({k[0] for k in data})
     fig, axes = plt.subplots(1, len(protocols), figsize=(6.0 * len(protocols), 4.4), sharey=True, squeeze=False)
-    marks = {"float": "o", "int8": "s", "int4": "^"}
+    marks = {"float": "o", "int8": "s", "k8v4": "D", "int4": "^"}
     for ax, protocol in zip(axes[0], protocols):
         pts = [(c["bytes"] / 2**20, c["acc"], s, b) for (p, s, b), c in data.items() if p == protocol]
         for storage, m in marks.items():
