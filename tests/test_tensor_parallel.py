@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+import kvprune
 import tp_worker
 
 pytestmark = pytest.mark.integration
@@ -123,3 +124,54 @@ def test_a_cache_that_does_not_know_the_group_is_refused_on_every_rank(runs):
     reference, ranks = runs
     assert reference["_unaware"] == "none"  # one process: the same cache is fine
     assert [r["_unaware"] for r in ranks] == ["CacheUsageError", "CacheUsageError"]
+
+
+# -- the helpers alone (one process: no group) ----------------------------------------------------------------
+
+class _Mesh:
+    """A stand-in for a 1-D ``tp`` device mesh of ``n`` ranks (no process group is created)."""
+
+    mesh_dim_names = ("tp",)
+    ndim = 1
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def size(self) -> int:
+        return self.n
+
+    def __getitem__(self, name):
+        return self
+
+    def get_group(self):
+        return "group"
+
+    def get_local_rank(self) -> int:
+        return 1
+
+
+def test_an_unsharded_model_gets_no_group_and_the_helpers_are_no_ops():
+    from kvprune.distributed import SINGLE, tensor_parallel_of, total_stats
+
+    model = tiny_model("llama")
+    assert tensor_parallel_of(model) is SINGLE
+    scores = torch.rand(2, 4, 7)
+    assert torch.equal(SINGLE.head_mean(scores), scores.mean(1, keepdim=True))
+    assert SINGLE.all_reduce_sum(scores) is scores and SINGLE.local_range(4) == (0, 4)
+    cache = kvprune.make_cache(model, "tova", 8)
+    assert cache.parallel is SINGLE and all(layer.parallel is SINGLE for layer in cache.layers)
+    stats = cache.stats()
+    assert total_stats(stats, SINGLE) is stats
+
+
+def test_a_sharded_model_is_recognised_and_an_uneven_head_split_refused():
+    from kvprune.distributed import tensor_parallel_of
+
+    model = tiny_model("llama")  # 4 query / 2 KV heads
+    model._tp_size, model._device_mesh = 2, _Mesh(2)
+    tp = tensor_parallel_of(model)
+    assert (tp.size, tp.rank, tp.group) == (2, 1, "group")
+    assert tp.local_range(2) == (1, 2) and tp.local_range(4) == (2, 4) and tp.head_offset(1) == 1
+    model._tp_size, model._device_mesh = 4, _Mesh(4)  # 2 KV heads over 4 ranks: transformers would replicate
+    with pytest.raises(kvprune.UnsupportedArchitectureError, match="divides 2"):
+        kvprune.make_cache(model, "tova", 8)
