@@ -44,7 +44,7 @@ def test_the_device_map_really_offloads(models):
 
 @pytest.mark.parametrize("method", list(tp_worker.METHODS))
 def test_every_method_on_disk_offloaded_layers_equals_the_whole_model(models, method):
-    budget, params = tp_worker.METHODS[method]
+    method, budget, params = tp_worker.METHODS[method]
     ids, mask = padded_batch([14, 9])
     results = []
     for model in models:

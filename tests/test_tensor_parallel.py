@@ -126,6 +126,13 @@ def test_a_cache_that_does_not_know_the_group_is_refused_on_every_rank(runs):
     assert [r["_unaware"] for r in ranks] == ["CacheUsageError", "CacheUsageError"]
 
 
+def test_every_registered_method_is_run_under_tensor_parallelism():
+    from kvprune.policies import methods
+
+    covered = {method for method, _, _ in tp_worker.METHODS.values()}
+    assert covered == set(methods()), f"add {sorted(set(methods()) - covered)} to tests/tp_worker.py METHODS"
+
+
 # -- the helpers alone (one process: no group) ----------------------------------------------------------------
 
 class _Mesh:

@@ -17,22 +17,28 @@ import warnings
 
 import torch
 
+from kvprune.policies import methods
+
 N_NEW = 12
-#: every method with parameters that make it decide something on prompts of 9..20 tokens
-METHODS: dict[str, tuple[object, dict]] = {
-    "full": (None, {}),
-    "streaming": (10, {"n_sink": 2}),
-    "h2o": (10, {}),
-    "a2sf": (10, {}),
-    "tova": (10, {}),
-    "snapkv": (10, {"window": 4}),
-    "knorm": (10, {}),
-    "keydiff": (10, {}),
-    "observed": (10, {}),
-    "random": (10, {"seed": 3}),
-    "lazyllm": (None, {}),
-    "spatten": (None, {"token_ratio": 0.5, "token_start": 0.25, "head_ratio": 0.5, "head_start": 0.25}),
+#: every method (label -> method, budget, parameters) with parameters that make it decide something on prompts
+#: of 9..20 tokens; a label differs from its method where one method runs in two configurations
+METHODS: dict[str, tuple[str, object, dict]] = {
+    "full": ("full", None, {}),
+    "streaming": ("streaming", 10, {"n_sink": 2}),
+    "h2o": ("h2o", 10, {}),
+    "a2sf": ("a2sf", 10, {}),
+    "tova": ("tova", 10, {}),
+    "snapkv": ("snapkv", 10, {"window": 4}),
+    "knorm": ("knorm", 10, {}),
+    "keydiff": ("keydiff", 10, {}),
+    "observed": ("observed", 10, {}),
+    "random": ("random", 10, {"seed": 3}),
+    "lazyllm": ("lazyllm", None, {}),
+    "spatten": ("spatten", None, {"token_ratio": 0.5, "token_start": 0.25, "head_ratio": 0.5, "head_start": 0.25}),
 }
+if "kvzip" in methods():  # registered once its module is part of the package
+    METHODS["kvzip"] = ("kvzip", 10, {"chunk_size": 8, "n_sink": 2})
+    METHODS["kvzip-global"] = ("kvzip", 10, {"chunk_size": 8, "n_sink": 2, "scope": "global", "prefill_only": True})
 
 
 def batches() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -143,7 +149,7 @@ def run(model) -> dict:
     record: dict = {}
     try:
         for name, (ids, mask) in batches().items():
-            for method, (budget, params) in METHODS.items():
+            for label, (method, budget, params) in METHODS.items():
                 cache = kvprune.make_cache(model, method, budget, **params)
                 snap = Snapshot(cache)
                 spent.update(calls=0, seconds=0.0)
@@ -164,7 +170,7 @@ def run(model) -> dict:
                     entry["stats"] = {"kept": [k.tolist() for k in local.kept], "kv_bytes": local.kv_bytes,
                                       "total_kept": [k.tolist() for k in total.kept], "total_kv_bytes": total.kv_bytes,
                                       "total_evictions": total.evictions}
-                record[f"{method}/{name}"] = entry
+                record[f"{label}/{name}"] = entry
     finally:
         TensorParallel.all_reduce_sum = plain
     return record
