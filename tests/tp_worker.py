@@ -33,6 +33,8 @@ METHODS: dict[str, tuple[str, object, dict]] = {
     "keydiff": ("keydiff", 10, {}),
     "observed": ("observed", 10, {}),
     "random": ("random", 10, {"seed": 3}),
+    "tova-kv8": ("tova", 10, {"kv_bits": 8}),  # quantized storage: the same decisions on packed records
+    "random-kv4": ("random", 10, {"seed": 3, "kv_bits": 4}),
     "lazyllm": ("lazyllm", None, {}),
     "spatten": ("spatten", None, {"token_ratio": 0.5, "token_start": 0.25, "head_ratio": 0.5, "head_start": 0.25}),
 }

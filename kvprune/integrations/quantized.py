@@ -16,6 +16,7 @@ import torch
 
 from ..caches.quant import levels
 from ..caches.quantized import QuantizedLayer, QuantizedPruningCache, parse_kv_bits
+from ..distributed import parallel_of
 from ..errors import InvalidParameterError
 from .attention import BLOCK_ELEMENTS, estimate_observation
 
@@ -67,7 +68,8 @@ def quantized_decode_attention(
     obs = None
     if not layer.frozen and layer.policy.observation != "none":
         qv = torch.ones((b, 1), dtype=torch.bool, device=query.device)
-        obs, _ = estimate_observation(layer.policy, query, key, allowed, qv, scaling, probs=probs.unsqueeze(3))
+        obs, _ = estimate_observation(layer.policy, query, key, allowed, qv, scaling, probs=probs.unsqueeze(3),
+                                      parallel=parallel_of(layer))  # tensor parallel: heads averaged over ranks
     return out.reshape(b, hq, 1, -1).transpose(1, 2).to(query.dtype).contiguous(), obs
 
 
