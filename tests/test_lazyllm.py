@@ -254,6 +254,41 @@ def test_revival_through_staircase_attention_matches_one_masked_call(monkeypatch
     torch.testing.assert_close(runs[0][1], runs[1][1])
 
 
+def test_dense_causal_attention_equals_masked_sdpa():
+    """Queries at some positions against slots holding every position once (shuffled): one causal kernel call
+    over the scattered queries equals one masked SDPA call (GQA, two rows)."""
+    from kvprune.integrations.attention import dense_causal_output, sdpa_output
+
+    torch.manual_seed(1)
+    b, hq, hkv, d, n = 2, 4, 2, 8, 30
+    kpos = torch.stack([torch.randperm(n), torch.randperm(n)])
+    qpos = torch.stack([torch.sort(torch.randperm(n)[:17]).values, torch.sort(torch.randperm(n)[:17]).values])
+    allowed = (kpos[:, None, None, :] <= qpos[:, None, :, None])
+    query, key, value = torch.randn(b, hq, 17, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
+    torch.testing.assert_close(dense_causal_output(query, key, value, qpos, kpos, 0.3, flash=False),
+                               sdpa_output(query, key, value, allowed, 0.3))
+
+
+def test_catch_up_through_dense_causal_attention_matches_one_masked_call(monkeypatch):
+    """A decoding step that revives every deferred token (decode ratios 0) runs them through one causal kernel
+    call; tokens and logits equal the masked path's."""
+    import kvprune.integrations.attention as attention
+
+    model = _model()
+    ids, mask = padded_batch([40])
+    policy = LazyLLM(prune_layers=(0, 1), prune_ratios=(0.7, 0.5), decode_ratios=(0.0, 0.0))
+    calls = []
+    monkeypatch.setattr(attention, "dense_causal_output", lambda *a, _f=attention.dense_causal_output, **k:
+                        calls.append(1) or _f(*a, **k))
+    runs = []
+    for threshold in (10**9, 1):
+        monkeypatch.setattr(attention, "STAIRCASE_MIN_QUERIES", threshold)
+        runs.append(_generate(model, ids, mask, make_lazy_cache(model, policy), 4))
+    assert calls, "the catch-up step took the dense path"
+    assert torch.equal(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1])
+
+
 def test_appends_reuse_buffer_room_and_count_it_as_metadata():
     """Decoding steps write into a buffer with free room (no reallocation per token); beam reordering
     replaces the tensors and the next append starts a new buffer; free room shows in the metadata bytes."""

@@ -8,6 +8,7 @@ from conftest import padded_batch, tiny_model
 
 import kvprune
 from kvprune.integrations import attention
+from kvprune.policies import POLICIES
 
 pytestmark = pytest.mark.integration
 
@@ -72,3 +73,12 @@ def test_flash_attention_scores_and_tokens():
     assert torch.equal(results["sdpa"][0], results["flash_attention_2"][0])
     for a, b in zip(results["sdpa"][1], results["flash_attention_2"][1]):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_newest_query_weighs_one(name):
+    """A decode step's observation is its one row unweighted: every policy's newest query weighs 1."""
+    policy = POLICIES[name]()
+    for n in (1, 2, 7):
+        w = policy.query_weights(n)
+        assert w.shape == (n,) and float(w[-1]) == 1.0, (name, n, w)

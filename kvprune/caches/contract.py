@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -25,6 +25,15 @@ _ATTR = "_kvprune_layer"
 
 #: ``(layer, query, key, value, backend, scaling, sliding_window) -> (output [B, q, Hq, Dv], observation or None)``
 OwnAttention = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+class OrderedQueries(NamedTuple):
+    """Queries in ascending position against slots in any order (what :meth:`AttentionLayer.ordered_queries` says)."""
+
+    query_positions: torch.Tensor  # [B, q] ascending
+    slot_positions: torch.Tensor  # [B, S]
+    #: the slots hold every position 0..S-1 once, all real and visible: the mask is plain causal by position
+    complete: bool = False
 
 
 @runtime_checkable
@@ -51,9 +60,9 @@ class AttentionLayer(Protocol):
     def is_plain_causal(self, n_queries: int, sliding_window: int | None = None) -> bool:
         """Whether the mask is plain causal over the slots (a fresh prefill): the kernel's causal path applies."""
 
-    def ordered_queries(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(query positions [B, q] ascending, slot positions [B, S])`` when the queries come in position order
-        against slots in any order (LazyLLM), so attention can skip the mask's empty part; else None."""
+    def ordered_queries(self) -> OrderedQueries | None:
+        """The queries' and slots' positions when the queries come in position order against slots in any
+        order (LazyLLM), so attention can skip the mask's empty part; else None."""
 
     def finish(self, obs: torch.Tensor | None) -> None:
         """After attention: fold the observation ``[B, Hkv, S]`` (or None) in, evict, clear ``pending``."""
@@ -83,4 +92,5 @@ class StepContext:
     observe: bool = False  # the forward prunes after this layer: the attention observes (LazyLLM)
     newest_only: bool = False  # each row's only query is the step's newest token (every key precedes it)
     padded: bool = True  # some query is padding
+    all_selected: bool = False  # every real token is selected (no key is masked out by the selection)
     importance: torch.Tensor | None = None  # out: [B, T] the newest token's head-averaged attention (LazyLLM)

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import BatchMismatchError, CacheUsageError
 from ..policies.lazyllm import LazyLLM
-from .contract import StepContext, bind
+from .contract import OrderedQueries, StepContext, bind
 from .base import check_layout
 from .stepwise import StepwiseCache, StepwiseLayer, append_along
 
@@ -76,9 +76,11 @@ class LazyLayer(StepwiseLayer):
     def observe_padding(self, new_valid: torch.Tensor | None) -> None:
         """Validity comes from the lazy forward, not from the padding mask."""
 
-    def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor:
-        """Selected, valid keys at or before each query's position: ``[B, 1, Q, N]``."""
+    def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor | None:
+        """Selected, valid keys at or before each query's position: ``[B, 1, Q, N]`` (None: every slot)."""
         step = self.step
+        if step.newest_only and sliding_window is None and step.all_selected and not self._holes:
+            return None  # the newest token alone, every slot real and selected: nothing to mask
         chosen = self.valid & step.selected.gather(1, self.positions.clamp(min=0))
         if step.newest_only and sliding_window is None:
             return chosen[:, None, None, :]  # the one query is the newest token: every key is before it or it
@@ -99,9 +101,13 @@ class LazyLayer(StepwiseLayer):
             and (sliding_window is None or sliding_window >= int(qpos.max()) + 1)
         )
 
-    def ordered_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries come in ascending position (left-padded with -1) against slots in computation order."""
-        return self.step.query_positions, self.positions
+    def ordered_queries(self) -> OrderedQueries:
+        """Queries come in ascending position (left-padded with -1) against slots in computation order; complete
+        when every slot is real and selected and the slots hold each position up to the newest once."""
+        step, n = self.step, self.positions.shape[1]
+        complete = (step.all_selected and not step.padded and not self._holes
+                    and bool((self.positions.amax(dim=-1) == n - 1).all()))
+        return OrderedQueries(step.query_positions, self.positions, complete)
 
     def finish(self, obs: torch.Tensor | None) -> None:
         """Hand the newest token's head-averaged attention per position (``[B, T]``) to the step's pruning rule."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..caches import ATTN_PREFIX
 from ..caches.contract import AttentionLayer, layer_of
+from ..distributed import SINGLE, TensorParallel, check_shard, parallel_of
 from ..policies import Policy
 
 BACKENDS = ("eager", "sdpa", "flash_attention_2")
@@ -118,6 +119,21 @@ def staircase_output(
     return torch.cat(out, dim=2)
 
 
+def dense_causal_output(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_pos: torch.Tensor,
+                        key_pos: torch.Tensor, scaling: float, flash: bool) -> torch.Tensor:
+    """Queries at ascending positions ``query_pos [B, q]`` against slots holding every position ``0..S-1`` once
+    (``key_pos [B, S]``, any order), causal by position: the slots put in position order and the queries
+    scattered to their positions make it one plain causal kernel call (the unused rows cost no mask)."""
+    b, hq, q, d = query.shape
+    order = key_pos.argsort(dim=-1)
+    key = key.gather(2, order[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[-1]))
+    value = value.gather(2, order[:, None, :, None].expand(-1, value.shape[1], -1, value.shape[-1]))
+    rows = query_pos[:, None, :, None].expand(-1, hq, -1, d)
+    full = query.new_zeros((b, hq, key.shape[2], d)).scatter_(2, rows, query)
+    out = causal_output(full, key, value, scaling, flash)
+    return out.gather(2, query_pos[:, None, :, None].expand(-1, hq, -1, out.shape[-1]))
+
+
 def causal_output(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, flash: bool) -> torch.Tensor:
     """Plain causal attention (queries and keys are the same tokens in order): FlashAttention-2 or SDPA."""
     if flash and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
@@ -138,8 +154,11 @@ def _block_rows(allowed: torch.Tensor | None, start: int, stop: int, q: int, s: 
     return width, None if allowed is None else allowed[:, :, start:stop, :width]
 
 
-def _observation_rows(policy: Policy, q: int, query_valid: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """First query row the observation needs and the per-row weights ``[B, q - first]``."""
+def _observation_rows(policy: Policy, q: int, query_valid: torch.Tensor | None,
+                      device: torch.device | None = None) -> tuple[int, torch.Tensor]:
+    """First query row the observation needs and the per-row weights ``[B or 1, q - first]`` (None: all real)."""
+    if query_valid is None:
+        query_valid = torch.ones((1, q), dtype=torch.bool, device=device)
     if policy.observation == "last_query":
         first = q - 1
         return first, query_valid[:, first:].float()
@@ -158,28 +177,36 @@ def estimate_observation(
     query: torch.Tensor,
     key: torch.Tensor,
     allowed: torch.Tensor | None,
-    query_valid: torch.Tensor,
+    query_valid: torch.Tensor | None,
     scaling: float,
     probs: torch.Tensor | None = None,
     causal: bool = False,
     value: torch.Tensor | None = None,
+    parallel: TensorParallel = SINGLE,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The observation ``policy`` declared, as ``[B, Hkv, S]`` float32 (None for ``"none"``), and an output.
 
-    ``probs`` (all rows, from an eager pass) is reused when given; otherwise only the rows the
+    ``query_valid [B, q]``: which queries are real (None: all). ``probs`` (all rows, from an eager pass) is reused when given; otherwise only the rows the
     observation needs are computed, in blocks of at most ``BLOCK_ELEMENTS`` probabilities, each
     trimmed to the keys its rows can see (``allowed``, or a plain causal mask when ``causal``).
     With ``value`` (only for observations over all queries) the same probabilities also give the
     attention output ``[B, Hq, q, Dv]`` -- one pass instead of a kernel call plus an estimate.
+    ``parallel``: the tensor-parallel group (this rank holds a slice of the heads); a policy whose keep-set is
+    shared across heads then averages over every rank's heads (one all-reduce), so all ranks decide alike.
     """
     if policy.observation == "none":
         return None, None
     b, hq, q, _ = query.shape
-    first, weights = _observation_rows(policy, q, query_valid)
     out = None
-    if probs is not None:
+    if probs is not None and q == 1 and query_valid is None:
+        # a decode step with every row real: the one row averaged over the group (a single query weighs 1,
+        # Policy.query_weights): one op instead of building weights for a product
+        obs = probs.mean(dim=2).view(b, probs.shape[1], -1)
+    elif probs is not None:
+        first, weights = _observation_rows(policy, q, query_valid, query.device)
         obs = reduce_probs(probs[:, :, :, first:], weights)
     else:
+        first, weights = _observation_rows(policy, q, query_valid, query.device)
         s = key.shape[-2]
         step = max(1, BLOCK_ELEMENTS // max(1, b * hq * s))
         obs = torch.zeros((b, key.shape[1], s), dtype=torch.float32, device=query.device)
@@ -197,7 +224,7 @@ def estimate_observation(
             if out is not None:
                 out[:, :, start:stop] = grouped_output(p, value[:, :, :width])
     if policy.shared_across_heads:
-        obs = obs.mean(dim=1, keepdim=True).expand_as(obs)
+        obs = parallel.head_mean(obs, dim=1).expand_as(obs)  # alone: obs.mean(1); sharded: over every rank's heads
     return obs, out
 
 
@@ -250,6 +277,8 @@ def kvprune_attention(
     b, _, q, _ = query.shape
     s = key.shape[-2]
     layer: AttentionLayer | None = layer_of(key)
+    if layer is not None and layer.pending == q:  # a sharded model needs a cache that knows its group
+        check_shard(parallel_of(layer), query.shape[1], getattr(module.config, "num_attention_heads", None))
     if layer is not None and layer.pending == q and layer.own_attention is not None:
         # a layer that computes its attention itself (SpAtten's pruned heads and quantized parts)
         out, obs = layer.own_attention(layer, query, key, value, backend, scaling, sliding_window)
@@ -275,7 +304,7 @@ def kvprune_attention(
     observed = policy is not None and policy.observation != "none"
     if not observed:
         policy = None  # nothing to estimate
-    qv = new_valid if new_valid is not None or not observed else torch.ones((b, q), dtype=torch.bool, device=query.device)
+    qv = new_valid  # None: every new token is real
     gqa = query.shape[1] != key.shape[1]
     decode_kernel = not observed and (s <= DECODE_KERNEL_MAX_KEYS or (not gqa and s >= DECODE_KERNEL_MIN_KEYS))
     if backend == "eager" or (q == 1 and not decode_kernel):
@@ -285,27 +314,37 @@ def kvprune_attention(
         if backend == "eager":
             weights = probs.flatten(1, 2).to(query.dtype)
         if policy is not None:
-            obs, _ = estimate_observation(policy, query, key, allowed, qv, scaling, probs=probs)
+            obs, _ = estimate_observation(policy, query, key, allowed, qv, scaling, probs=probs,
+                                          parallel=parallel_of(layer))
     else:
         # a plain causal mask (fresh prefill, no padding) runs the kernel's own causal path, mask-free,
         # and the estimate builds the causal rows it needs block by block
-        allowed = None if causal else _allowed(layer, attention_mask, new_valid, b, q, s, query.device, sliding_window)
+        # queries in position order against unordered slots (LazyLLM's revived tokens): when the slots hold every
+        # position once, all real and selected, the mask is plain causal by position (dense_causal_output)
+        ordered = layer.ordered_queries() if layer is not None and not causal and q >= STAIRCASE_MIN_QUERIES else None
+        dense = ordered is not None and ordered.complete and policy is None and sliding_window is None and 2 * q >= s
+        allowed = None if causal or dense else _allowed(layer, attention_mask, new_valid, b, q, s, query.device,
+                                                         sliding_window)
         # on CPU an observation over every query computes the probabilities anyway: take the output from
         # them too (one pass) instead of running the kernel as well
         # (unless most rows carry no weight, like A2SF's oldest queries: then the kernel plus the few rows)
         one_pass = (
             policy is not None and policy.observation == "all_queries" and not query.is_cuda
-            and _observation_rows(policy, q, qv)[0] == 0
+            and _observation_rows(policy, q, qv, query.device)[0] == 0
         )
         obs = None
         if policy is not None:
             obs, out = estimate_observation(policy, query, key, allowed, qv, scaling, causal=causal,
-                                            value=value if one_pass else None)
+                                            value=value if one_pass else None, parallel=parallel_of(layer))
         if not one_pass:
             if causal:
                 out = causal_output(query, key, value, scaling, flash=backend == "flash_attention_2")
-            elif q >= STAIRCASE_MIN_QUERIES and layer is not None and (ordered := layer.ordered_queries()) is not None:
-                out = staircase_output(query, key, value, allowed, *ordered, scaling)
+            elif dense:
+                out = dense_causal_output(query, key, value, ordered.query_positions, ordered.slot_positions, scaling,
+                                          flash=backend == "flash_attention_2")
+            elif ordered is not None and allowed is not None:
+                out = staircase_output(query, key, value, allowed, ordered.query_positions, ordered.slot_positions,
+                                       scaling)
             else:
                 out = sdpa_output(query, key, value, allowed, scaling)
     if layer is not None:

@@ -33,10 +33,19 @@ class _LazyStep:
     def __init__(self, cache: LazyCache, n_queries: int) -> None:
         self.cache = cache
         self.selected = cache.token_valid.clone()  # every step starts again from the full context
+        self.all_selected = bool(self.selected.all())  # no key is masked out until a pruning layer
         self.newest = torch.zeros_like(self.selected)
         self.newest[:, -1] = True
         self.decoding = n_queries == 1
-        self.schedule = cache.decode_schedule if self.decoding else cache.schedule
+        schedule = cache.decode_schedule if self.decoding else cache.schedule
+        self.schedule = {idx: r for idx, r in schedule.items() if r > 0}  # a ratio of 0 prunes nothing: no observation
+        self.n_layers = len(cache.layers)
+        # a decoding step that prunes nowhere, with every earlier token through every layer: each layer computes
+        # just the newest token, so the loop skips the per-layer token bookkeeping (counted once, at the end)
+        done = (cache.depth[:, :-1] == self.n_layers) | ~cache.token_valid[:, :-1]
+        self.uniform = self.decoding and not self.schedule and bool(done.all())
+        device = self.selected.device
+        self._one, self._one_i32 = torch.ones((), dtype=torch.long, device=device), torch.ones((), dtype=torch.int32, device=device)
 
     def todo(self, idx: int) -> torch.Tensor:
         return self.selected & (self.cache.depth == idx)
@@ -45,13 +54,19 @@ class _LazyStep:
         # the newest token alone (a decoding step, nothing revived here): all keys are at or before it
         newest_only = self.decoding and query_positions.shape[1] == 1 and not padded
         return StepContext(query_positions, query_valid, selected=self.selected, observe=idx in self.schedule,
-                           newest_only=newest_only, padded=padded)
+                           newest_only=newest_only, padded=padded, all_selected=self.all_selected)
 
     def after(self, idx: int, step: StepContext, rows: torch.Tensor, tokens: torch.Tensor) -> None:
-        self.cache.depth[rows, tokens] += 1
-        self.cache.computed[rows, tokens, idx] += 1
+        if self.uniform:  # the same tokens at every layer: count them once, after the last
+            if idx == self.n_layers - 1:
+                self.cache.depth.index_put_((rows, tokens), self._one * self.n_layers, accumulate=True)
+                self.cache.computed.index_put_((rows, tokens), self._one_i32, accumulate=True)
+            return
+        self.cache.depth.index_put_((rows, tokens), self._one, accumulate=True)
+        self.cache.computed[:, :, idx].index_put_((rows, tokens), self._one_i32, accumulate=True)
         if step.observe:
             self.selected = self.cache.policy.select(step.importance, self.selected, self.newest, self.schedule[idx])
+            self.all_selected = False
 
 
 @torch.no_grad()

@@ -22,6 +22,9 @@ from .stepping import pack_left
 class SelectiveStep(Protocol):
     """One step of a method through the decoder stack, as the loop asks it."""
 
+    #: every layer computes the tokens layer 0 computes (nothing prunes or revives this step): ``todo`` is asked once
+    uniform: bool
+
     def todo(self, idx: int) -> torch.Tensor:
         """``[B, T]`` bool: the tokens (indices into the loop's states) layer ``idx`` computes now."""
 
@@ -43,9 +46,10 @@ def run_layers(base: torch.nn.Module, cache, method: SelectiveStep, states: torc
     carried: torch.Tensor | None = None  # the token set computed at the previous layer (states still packed)
     hidden = qvalid = bi = ti = qpos = rope = position_embeddings = None
     padded = False
+    uniform = method.uniform
     for idx, layer in enumerate(base.layers[: len(cache.layers)]):
-        todo = method.todo(idx)
-        if carried is None or not torch.equal(todo, carried):
+        todo = carried if carried is not None and uniform else method.todo(idx)
+        if carried is None or (todo is not carried and not torch.equal(todo, carried)):
             if carried is not None:
                 states[bi, ti] = hidden[qvalid].to(states.dtype)
             local, qvalid, padded = pack_left(todo)

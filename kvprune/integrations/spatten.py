@@ -34,6 +34,8 @@ class _SpAttenStep:
     """SpAtten at one step: a layer computes the new tokens still present there (the cascade only removes);
     after each layer the cache prunes tokens and heads."""
 
+    uniform = False  # the cascade may prune after any layer
+
     def __init__(self, cache: SpAttenCache, valid: torch.Tensor, start: int) -> None:
         self.cache, self.valid, self.start = cache, valid, start
 

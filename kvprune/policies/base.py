@@ -104,6 +104,9 @@ class Policy:
     observation: ClassVar[Observation] = "none"
     #: one keep-set per layer (scores averaged over all heads) instead of one per KV head
     shared_across_heads: ClassVar[bool] = False
+    #: scores depend on a head's index: ``initial_scores`` then takes ``head_offset``, the global index of the
+    #: first head it is given (non-zero on a tensor-parallel rank, which holds a slice of the heads)
+    keyed_by_head: ClassVar[bool] = False
     #: the policy never evicts (budget is ignored)
     evicts: ClassVar[bool] = True
     #: what ``budget`` means for this method (:data:`BUDGET_KINDS`); "none" for a policy that never evicts
@@ -143,7 +146,8 @@ class Policy:
         return 1
 
     def query_weights(self, n_queries: int) -> torch.Tensor:
-        """Weight of each of the ``n_queries`` new queries in an ``all_queries`` observation."""
+        """Weight of each of the ``n_queries`` new queries in an ``all_queries`` observation; the newest query's
+        weight is 1 (a decode step's observation is its one row, unweighted)."""
         return torch.ones(n_queries, dtype=torch.float32)
 
     def initial_scores(self, keys: torch.Tensor, ranks: torch.Tensor, layer_idx: int) -> torch.Tensor:
@@ -151,7 +155,8 @@ class Policy:
         return torch.zeros(ranks.shape, dtype=torch.float32, device=ranks.device)
 
     def update_scores(self, scores: torch.Tensor, obs: torch.Tensor | None, n_new: int) -> torch.Tensor:
-        """New per-slot scores after a forward of ``n_new`` queries that observed ``obs``."""
+        """New per-slot scores after a forward of ``n_new`` queries that observed ``obs``; the cache owns ``scores``,
+        so a policy may update it in place and return it (one op per decode step instead of a new tensor and a copy)."""
         return scores
 
     def eviction_scores(

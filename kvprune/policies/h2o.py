@@ -24,4 +24,4 @@ class H2O(Policy):
 
     def update_scores(self, scores: torch.Tensor, obs: torch.Tensor | None, n_new: int) -> torch.Tensor:
         assert obs is not None
-        return scores + obs
+        return scores.add_(obs)

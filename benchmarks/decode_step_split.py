@@ -1,0 +1,121 @@
+"""Where a decode step's time goes: update, mask, attention, scores, selection, gather, and the rest of the model.
+
+    python benchmarks/decode_step_split.py --context 2048 --budget 256 --steps 60 [--model smollm2] [--every 1,32]
+
+One thread, in-process. Each kvprune function on the decode path is wrapped with a timer (about 1 us of
+overhead per call, so the parts add up to slightly more than an unwrapped step); "model" is the rest of
+the step (projections, MLP, norms, RoPE, sampling). Reported per decode step, summed over layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import platform
+import time
+from collections import defaultdict
+
+import torch
+
+#: the step clock: process CPU time by default (robust to other processes on a shared box; one thread)
+CLOCK = time.process_time
+
+import kvprune
+from kvprune.caches.layer import PruningLayer
+from kvprune.integrations import attention
+from kvprune.integrations.compat import with_cache
+
+PARTS = ("update", "mask", "attention", "scores", "selection", "gather")
+spent: dict[str, float] = defaultdict(float)
+_stack: list[str] = []
+
+
+def timed(part: str, fn):
+    """``fn`` with its time charged to ``part`` (nested timed calls are charged to their own part only)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = CLOCK()
+        _stack.append(part)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _stack.pop()
+            dt = CLOCK() - t
+            spent[part] += dt
+            if _stack:
+                spent[_stack[-1]] -= dt
+
+    return wrapper
+
+
+def instrument() -> None:
+    for name in ("update", "observe_padding", "attention_allowed", "evict", "_adopt", "finish"):
+        part = {"update": "update", "observe_padding": "mask", "attention_allowed": "mask", "evict": "selection",
+                "_adopt": "gather", "finish": "scores"}[name]
+        setattr(PruningLayer, name, timed(part, getattr(PruningLayer, name)))
+    for name in ("grouped_probs", "grouped_output", "sdpa_output"):
+        setattr(attention, name, timed("attention", getattr(attention, name)))
+    attention.estimate_observation = timed("scores", attention.estimate_observation)
+
+
+def run(model, ids, make, steps: int) -> tuple[float, dict[str, float]]:
+    cache = make()
+    with torch.no_grad():
+        nxt = model(input_ids=ids, **with_cache(cache), logits_to_keep=1).logits[:, -1:].argmax(-1)
+        spent.clear()
+        t = CLOCK()
+        for _ in range(steps):
+            nxt = model(input_ids=nxt, **with_cache(cache)).logits[:, -1:].argmax(-1)
+        total = CLOCK() - t
+    return total / steps * 1e3, {p: spent[p] / steps * 1e3 for p in PARTS}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--budget", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--policies", default="h2o,a2sf,tova,streaming")
+    ap.add_argument("--every", default="1,32")
+    ap.add_argument("--model", default="demo", choices=["demo", "smollm2"])
+    ap.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
+                    help="cpu: this process's CPU time (default; unaffected by other processes); wall: elapsed time")
+    args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if args.model == "demo":
+        from kvprune.models import load_demo_model
+
+        model, _ = load_demo_model()
+    else:
+        from kvprune.models import load_smollm2
+
+        model, _ = load_smollm2()
+    instrument()
+    ids = torch.randint(3, model.config.vocab_size, (1, args.context))
+    makers = {}
+    for p in args.policies.split(","):
+        makers[f"{p} prefill_only"] = lambda p=p: kvprune.make_cache(model, p, args.budget, prefill_only=True)
+        for k in [int(x) for x in args.every.split(",")]:
+            makers[f"{p} evict_every={k}"] = lambda p=p, k=k: kvprune.make_cache(model, p, args.budget, evict_every=k)
+    best: dict[str, tuple[float, dict[str, float]]] = {}
+    for _ in range(args.rounds):
+        for name, make in makers.items():
+            r = run(model, ids, make, args.steps)
+            if name not in best or r[0] < best[name][0]:
+                best[name] = r
+    print(f"{args.model}, {platform.machine()}, 1 thread, {args.clock} clock, context {args.context}, budget {args.budget}, "
+          f"{args.steps} steps, fastest of {args.rounds} interleaved rounds; ms per decode step")
+    print("| cache | total | " + " | ".join(PARTS) + " | model |")
+    print("|---|---|" + "---|" * (len(PARTS) + 1))
+    for name, (total, parts) in best.items():
+        rest = total - sum(parts.values())
+        print(f"| {name} | {total:.2f} | " + " | ".join(f"{parts[p]:.2f}" for p in PARTS) + f" | {rest:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
