@@ -36,18 +36,23 @@ def step_ms(model, ids, make, steps: int) -> float:
         return (CLOCK() - t) / steps * 1e3
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(doc: str, rounds: int, policies: str, every: str, every_help: str) -> argparse.Namespace:
+    """The options this benchmark and decode_step_split.py share."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--policies", default="h2o,a2sf,streaming")
-    ap.add_argument("--every", default="8,32", help="evict_every values besides 1")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--policies", default=policies)
+    ap.add_argument("--every", default=every, help=every_help)
     ap.add_argument("--model", default="demo", choices=["demo", "smollm2"])
     ap.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
                     help="cpu: this process's CPU time (default; unaffected by other processes); wall: elapsed time")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Set the clock and one thread; load the model; a random prompt of ``--context`` tokens."""
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(1)
@@ -60,12 +65,23 @@ def main() -> None:
         from kvprune.models import load_smollm2
 
         model, _ = load_smollm2()
-    ids = torch.randint(3, model.config.vocab_size, (1, args.context))
-    makers = {"DynamicCache": DynamicCache}
+    return model, torch.randint(3, model.config.vocab_size, (1, args.context))
+
+
+def policy_makers(model: torch.nn.Module, args: argparse.Namespace, every: list[int]) -> dict:
+    """Each policy at the budget without eviction after the prompt, and with ``evict_every=k`` for each k."""
+    makers = {}
     for p in args.policies.split(","):
         makers[f"{p} prefill_only"] = lambda p=p: kvprune.make_cache(model, p, args.budget, prefill_only=True)
-        for k in [1, *[int(x) for x in args.every.split(",")]]:
+        for k in every:
             makers[f"{p} evict_every={k}"] = lambda p=p, k=k: kvprune.make_cache(model, p, args.budget, evict_every=k)
+    return makers
+
+
+def main() -> None:
+    args = parse_args(__doc__, 5, "h2o,a2sf,streaming", "8,32", "evict_every values besides 1")
+    model, ids = setup(args)
+    makers = {"DynamicCache": DynamicCache, **policy_makers(model, args, [1, *[int(x) for x in args.every.split(",")]])}
     times: dict[str, list[float]] = {name: [] for name in makers}
     for _ in range(args.rounds):
         for name, make in makers.items():

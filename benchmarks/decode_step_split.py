@@ -9,18 +9,15 @@ the step (projections, MLP, norms, RoPE, sampling). Reported per decode step, su
 
 from __future__ import annotations
 
-import argparse
 import functools
 import platform
-import time
 from collections import defaultdict
 
+import decode_step_cost
 import torch
+from decode_step_cost import parse_args, policy_makers, setup
 
-#: the step clock: process CPU time by default (robust to other processes on a shared box; one thread)
-CLOCK = time.process_time
 
-import kvprune
 from kvprune.caches.layer import PruningLayer
 from kvprune.integrations import attention
 from kvprune.integrations.compat import with_cache
@@ -35,13 +32,13 @@ def timed(part: str, fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        t = CLOCK()
+        t = decode_step_cost.CLOCK()
         _stack.append(part)
         try:
             return fn(*args, **kwargs)
         finally:
             _stack.pop()
-            dt = CLOCK() - t
+            dt = decode_step_cost.CLOCK() - t
             spent[part] += dt
             if _stack:
                 spent[_stack[-1]] -= dt
@@ -64,44 +61,18 @@ def run(model, ids, make, steps: int) -> tuple[float, dict[str, float]]:
     with torch.no_grad():
         nxt = model(input_ids=ids, **with_cache(cache), logits_to_keep=1).logits[:, -1:].argmax(-1)
         spent.clear()
-        t = CLOCK()
+        t = decode_step_cost.CLOCK()
         for _ in range(steps):
             nxt = model(input_ids=nxt, **with_cache(cache)).logits[:, -1:].argmax(-1)
-        total = CLOCK() - t
+        total = decode_step_cost.CLOCK() - t
     return total / steps * 1e3, {p: spent[p] / steps * 1e3 for p in PARTS}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--context", type=int, default=2048)
-    ap.add_argument("--budget", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--policies", default="h2o,a2sf,tova,streaming")
-    ap.add_argument("--every", default="1,32")
-    ap.add_argument("--model", default="demo", choices=["demo", "smollm2"])
-    ap.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
-                    help="cpu: this process's CPU time (default; unaffected by other processes); wall: elapsed time")
-    args = ap.parse_args()
-    global CLOCK
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    if args.model == "demo":
-        from kvprune.models import load_demo_model
-
-        model, _ = load_demo_model()
-    else:
-        from kvprune.models import load_smollm2
-
-        model, _ = load_smollm2()
+    args = parse_args(__doc__, 3, "h2o,a2sf,tova,streaming", "1,32", "evict_every values")
+    model, ids = setup(args)
     instrument()
-    ids = torch.randint(3, model.config.vocab_size, (1, args.context))
-    makers = {}
-    for p in args.policies.split(","):
-        makers[f"{p} prefill_only"] = lambda p=p: kvprune.make_cache(model, p, args.budget, prefill_only=True)
-        for k in [int(x) for x in args.every.split(",")]:
-            makers[f"{p} evict_every={k}"] = lambda p=p, k=k: kvprune.make_cache(model, p, args.budget, evict_every=k)
+    makers = policy_makers(model, args, [int(x) for x in args.every.split(",")])
     best: dict[str, tuple[float, dict[str, float]]] = {}
     for _ in range(args.rounds):
         for name, make in makers.items():
