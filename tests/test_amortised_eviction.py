@@ -89,3 +89,35 @@ def test_k1_is_the_default_and_bad_values_are_refused():
             kvprune.make_cache(model, "h2o", 8, evict_every=bad)
     with pytest.raises(InvalidParameterError, match="not to LazyLLM or SpAtten"):
         kvprune.make_cache(model, "lazyllm", evict_every=4)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("h2o", {}), ("a2sf", {"n_sink": 2}), ("tova", {"recent": 3}), ("snapkv", {"window": 4}), ("knorm", {}),
+    ("streaming", {"n_sink": 2}), ("keydiff", {"n_sink": 1}), ("random", {}), ("observed", {"recent": 0.25}),
+])
+@pytest.mark.parametrize("lengths", [[30], [30, 21]])
+def test_one_over_fast_path_decides_as_the_general_path(method, params, lengths, monkeypatch):
+    """A decode step one slot over a token budget (every slot real) takes a few-op path; with it switched off,
+    the general sort-and-gather path keeps the same tokens and gives the same logits at every step."""
+    from kvprune.caches.layer import PruningLayer
+
+    model = tiny_model()
+    ids, mask = padded_batch(lengths)
+    runs, fast_evictions = [], []
+    original = PruningLayer._evict_one_over
+
+    def counted(self):
+        before = self.evictions
+        done = original(self)
+        fast_evictions.append(done and self.evictions > before)
+        return done
+
+    for fast in (True, False):
+        monkeypatch.setattr(PruningLayer, "_evict_one_over", counted if fast else (lambda self: False))
+        cache = kvprune.make_cache(model, method, 12, **params)
+        steps = [(logits, _kept(cache)) for logits in _steps(model, cache, ids, mask, 15)]
+        runs.append(steps)
+    assert any(fast_evictions), "the fast path evicted at some step"
+    for (la, ka), (lb, kb) in zip(*runs):
+        assert ka == kb
+        torch.testing.assert_close(la, lb)

@@ -277,6 +277,8 @@ class PruningLayer(KVLayer):
         return self.valid & ((self.ranks < self.policy.n_sink) | (self.ranks >= first_recent))
 
     def evict(self) -> None:
+        if self._evict_one_over():
+            return
         caps = self.capacity()
         if caps is None:
             return
@@ -310,6 +312,33 @@ class PruningLayer(KVLayer):
         self.all_valid = after == self.valid.numel()
         if self.heads_aligned:  # once heads diverge they are treated as unaligned (a per-head mask)
             self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
+
+    def _evict_one_over(self) -> bool:
+        """The common decode step under a token budget, with few ops: every slot real, each (row, KV head) at most
+        one over. Slots are then in rank order, the sinks first and the recent window last (a window of fixed size
+        under a fixed budget never loses a token it holds), so protection is two slices, and the lowest score goes,
+        the newest among equals -- what the general path decides. False: the general path must run."""
+        budget = self.budget
+        if budget is None or budget.tokens is None or not self.all_valid or not self.policy.evicts:
+            return False
+        cap, s = max(budget.tokens, self.policy.min_budget()), self.keys.shape[-2]
+        if s <= cap:
+            return True  # every slot real and within the budget: nothing to evict
+        if s != cap + 1:
+            return False
+        eff = self.scores
+        if type(self.policy).eviction_scores is not Policy.eviction_scores:
+            eff = self.policy.eviction_scores(eff, self.policy_keys(), self.ranks, self.valid, self.n_valid)
+        eff = rank_grid(eff)  # a new tensor: filled in place below
+        eff[..., : self.policy.n_sink] = float("inf")
+        eff[..., s - max(1, self.policy.recent_count(cap)) :] = float("inf")
+        victim = (s - 1) - eff.flip(-1).argmin(dim=-1, keepdim=True)
+        keep = torch.arange(cap, device=self.device).expand(*eff.shape[:2], cap)
+        self._adopt(keep + (keep >= victim).to(keep.dtype))
+        self.evictions += eff.shape[0] * eff.shape[1]
+        if self.heads_aligned:
+            self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
+        return True
 
     def policy_keys(self, new: int = 0) -> torch.Tensor:
         """The keys a policy reads, ``[B, H, S, D]`` float: the ``new`` newest slots, or every held slot with 0

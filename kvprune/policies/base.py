@@ -133,6 +133,10 @@ class Policy:
             return torch.floor(budget.double() * self.recent).long()
         return torch.full_like(budget, self.recent)
 
+    def recent_count(self, budget: int) -> int:
+        """:meth:`recent_tokens` for one budget given as an int (the same rounding)."""
+        return math.floor(budget * self.recent) if isinstance(self.recent, float) else self.recent
+
     def min_budget(self) -> int:
         """Smallest absolute budget that leaves room for the protected tokens plus the newest token."""
         if isinstance(self.recent, float):  # n_sink + floor(r * budget) <= budget
