@@ -19,7 +19,7 @@ import torch
 from ..caches import Budget
 from ..integrations import make_cache
 from ..integrations.compat import with_cache
-from ..policies import Policy
+from ..policies import Policy, method_config
 from ..errors import InvalidParameterError
 from .tasks import format_prompt as default_prompt
 from .tasks import score_answer
@@ -149,7 +149,9 @@ def run_qa(
                 ids[row, wc + wq - len(q) :] = torch.tensor(q)
                 mask[row, wc + wq - len(q) :] = 1
         limits = [int(examples[i].get("max_new_tokens") or max_new_tokens) for i in idx]
-        cache = make_cache(model, policy, budget, **policy_params)
+        # a method that renders a prompt of its own (KVzip's replay instruction) gets the tokenizer too
+        wants = getattr(method_config(policy), "wants_tokenizer", False) and "tokenizer" not in policy_params
+        cache = make_cache(model, policy, budget, **policy_params, **({"tokenizer": tokenizer} if wants else {}))
         tokens, prefill_s, decode_s = greedy_decode(model, ids.to(device), mask.to(device), cache, max(limits), stop_ids,
                                                     context_len=wc if wq and protocol == "query_agnostic" else None)
         kv = cache.stats().kv_bytes // len(idx)

@@ -12,6 +12,7 @@ from .full import FullCache
 from .h2o import H2O
 from .keydiff import KeyDiff
 from .knorm import KNorm
+from .kvzip import KVzip
 from .lazyllm import LazyLLM  # noqa: F401 - registers the method
 from .observed import ObservedAttention
 from .random import RandomPolicy
@@ -89,6 +90,7 @@ __all__ = [
     "A2SF",
     "H2O",
     "KNorm",
+    "KVzip",
     "KeyDiff",
     "METHODS",
     "OBSERVATIONS",
