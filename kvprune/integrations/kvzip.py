@@ -228,11 +228,14 @@ def kvzip_step(base: torch.nn.Module, cache: KVzipCache, input_ids: torch.Tensor
 
 def make_kvzip_cache(model: torch.nn.Module, policy: str | KVzip = "kvzip", budget: Any = None, *,
                      backend: str | None = None, prefill_only: bool = False, evict_every: int = 1,
-                     tokenizer: Any = None, **params: Any) -> KVzipCache:
+                     tokenizer: Any = None, tensor_parallel: bool = False, **params: Any) -> KVzipCache:
     """Prepare ``model`` and return a :class:`~kvprune.caches.kvzip.KVzipCache` whose first forward is replayed.
 
     ``tokenizer`` renders the replay's instruction through its chat template (None: the tokenizer-free replay
-    of the module docstring). Every other argument as :func:`kvprune.make_cache`.
+    of the module docstring); ``tensor_parallel``: the model is sharded over ranks (the replay
+    is a plain forward, so each rank scores its own KV heads; scope='global' ranks every rank's heads together
+    with one all-gather per layer, :meth:`~kvprune.caches.kvzip.KVzipCache.compress`, so ranks evict alike). Every other argument as
+    :func:`kvprune.make_cache`.
     """
     check_architecture(model.config)
     config = policy if isinstance(policy, KVzip) else build_config(KVzip, params)
