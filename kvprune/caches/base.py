@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import CacheUsageError, InvalidParameterError, UnsupportedGenerationModeError
-from ..distributed import parallel_of, total_stats
+from ..distributed import SINGLE, TensorParallel, parallel_of, total_stats
 from .accounting import held_bytes
 
 #: a full buffer grows by max(GROWTH_MIN, held // GROWTH_DIV) free slots (amortised appends, <= 1/8 slack)
@@ -98,6 +98,8 @@ class KVLayer(CacheLayerMixin):
     METHOD: ClassVar[str] = "pruning"
     #: why the cache cannot be rolled back, in that error
     ROLLBACK: ClassVar[str] = "evicted tokens are gone"
+    #: the tensor-parallel group the layer's model is sharded over (set by ``make_cache``; one process by default)
+    parallel: TensorParallel = SINGLE
 
     # -- transformers' layer contract ----------------------------------------------------------
     def get_max_length(self) -> int:
@@ -155,6 +157,8 @@ class KVCache(Cache):
 
     #: evicted tokens cannot be rolled back: ``generate`` refuses assisted/prompt-lookup decoding up front
     refuses_rollback = True
+    #: the tensor-parallel group the model is sharded over (set by ``make_cache``; one process by default)
+    parallel: TensorParallel = SINGLE
 
     def crop(self, *args: Any, **kwargs: Any) -> None:
         self.layers[0].crop(0)  # raises UnsupportedGenerationModeError

@@ -50,6 +50,9 @@ class AttentionLayer(Protocol):
     frozen: bool
     #: attention the layer computes itself, or None for the shared path (see :data:`OwnAttention`)
     own_attention: OwnAttention | None
+    #: the tensor-parallel group (kvprune.distributed.TensorParallel): a head-shared observation is averaged
+    #: over every rank's heads
+    parallel: Any
 
     def observe_padding(self, new_valid: torch.Tensor | None) -> None:
         """Which new tokens are real, ``[B, q]`` bool (None: all)."""
