@@ -31,8 +31,8 @@ from kvprune.errors import (
 NAN, INF = float("nan"), float("inf")
 SUPPORTED = "supported: llama, mistral, qwen2, qwen3"
 BACKENDS = "valid: eager, sdpa, flash_attention_2"
-POLICY_NAMES = "valid names: a2sf, full, h2o, keydiff, knorm, observed, random, snapkv, streaming, tova"
-METHOD_NAMES = "valid names (any case): a2sf, full, h2o, keydiff, knorm, lazyllm, observed, random, snapkv, spatten, streaming, tova"
+POLICY_NAMES = "valid names: a2sf, full, h2o, keydiff, knorm, kvzip, observed, random, snapkv, streaming, tova"
+METHOD_NAMES = "valid names (any case): a2sf, full, h2o, keydiff, knorm, kvzip, lazyllm, observed, random, snapkv, spatten, streaming, tova"
 
 
 def raises(cls: type[Exception], phrase: str):
