@@ -30,11 +30,13 @@ from typing import Any
 import torch
 
 from ..caches.kvzip import KVzipCache, KVzipLayer
+from ..caches.quantized import parse_kv_bits
 from ..errors import InvalidParameterError
 from ..policies import build_config
 from ..policies.kvzip import KVzip
 from .attention import grouped_output, grouped_probs, sdpa_output
 from .compat import with_cache
+from .factories import builds
 from .forward import prepare_stepwise
 from .prepare import check_architecture, prepare_model
 
@@ -226,18 +228,22 @@ def kvzip_step(base: torch.nn.Module, cache: KVzipCache, input_ids: torch.Tensor
     return out
 
 
+@builds(KVzip)
 def make_kvzip_cache(model: torch.nn.Module, policy: str | KVzip = "kvzip", budget: Any = None, *,
                      backend: str | None = None, prefill_only: bool = False, evict_every: int = 1,
-                     tokenizer: Any = None, tensor_parallel: bool = False, **params: Any) -> KVzipCache:
+                     kv_bits: object = None, tokenizer: Any = None, **params: Any) -> KVzipCache:
     """Prepare ``model`` and return a :class:`~kvprune.caches.kvzip.KVzipCache` whose first forward is replayed.
 
     ``tokenizer`` renders the replay's instruction through its chat template (None: the tokenizer-free replay
-    of the module docstring); ``tensor_parallel``: the model is sharded over ranks (the replay
-    is a plain forward, so each rank scores its own KV heads; scope='global' ranks every rank's heads together
-    with one all-gather per layer, :meth:`~kvprune.caches.kvzip.KVzipCache.compress`, so ranks evict alike). Every other argument as
-    :func:`kvprune.make_cache`.
+    of the module docstring). On a tensor-parallel model the replay is a plain forward, so each rank scores its
+    own KV heads; scope='global' ranks every rank's heads together with one all-gather per layer
+    (:meth:`~kvprune.caches.kvzip.KVzipCache.compress`), so ranks evict alike. Every other argument as
+    :func:`kvprune.make_cache`; ``kv_bits`` is not supported yet (a typed error).
     """
     check_architecture(model.config)
+    if kv_bits is not None:
+        parse_kv_bits(kv_bits)  # an invalid value says what is valid
+        raise InvalidParameterError("kvzip does not combine with kv_bits yet; drop kv_bits or pick another policy")
     config = policy if isinstance(policy, KVzip) else build_config(KVzip, params)
     if isinstance(policy, KVzip) and params:
         raise InvalidParameterError("pass kvzip's parameters either to the KVzip object or by name, not both")

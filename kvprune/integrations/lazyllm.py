@@ -20,8 +20,10 @@ from ..caches.lazy import LazyCache
 from ..errors import InvalidParameterError
 from ..policies import build_config
 from ..policies.lazyllm import LazyLLM
+from .factories import builds, refuse_schedule
 from .forward import prepare_stepwise
 from .prepare import check_architecture, prepare_model
+from .quantized import check_kv_bits
 from .selective import final_output, run_layers
 from .stepping import step_inputs
 
@@ -91,12 +93,17 @@ def lazy_forward(
     return final_output(base, cache, cache.hidden[:, new], cache.depth[:, new] == len(cache.layers))
 
 
+@builds(LazyLLM)
 def make_lazy_cache(model: torch.nn.Module, policy: LazyLLM | str | None = None, budget: None = None, *,
-                    backend: str | None = None, **params: Any) -> LazyCache:
+                    backend: str | None = None, prefill_only: bool = False, evict_every: int = 1,
+                    kv_bits: object = None, **params: Any) -> LazyCache:
     """Prepare ``model`` for LazyLLM and return a fresh :class:`LazyCache` (one per conversation)."""
     check_architecture(model.config)
     if budget is not None:
         raise InvalidParameterError("LazyLLM prunes computation, not memory: it takes no budget (pass budget=None)")
+    refuse_schedule("LazyLLM", prefill_only, evict_every)
+    check_kv_bits(kv_bits, "lazyllm", "LazyLLM keeps a full cache (it saves compute, not memory) and has no quantized "
+                  "storage yet")
     if isinstance(policy, LazyLLM):
         if params:
             raise InvalidParameterError("pass parameters either to the LazyLLM object or by name, not both")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,22 +10,30 @@ from ..caches import Budget, PruningCache
 from ..caches.lazy import LazyCache
 from ..caches.spatten import SpAttenCache
 from ..distributed import attach, tensor_parallel_of
-from ..errors import InvalidParameterError
 from ..policies import Policy, method_config
-from ..policies.lazyllm import LazyLLM
-from ..policies.kvzip import KVzip
-from ..policies.spatten import SpAtten
-from .kvzip import make_kvzip_cache
-from .lazyllm import make_lazy_cache
+from . import kvzip, lazyllm, spatten  # noqa: F401 - each registers its method's cache factory
+from .factories import builds, factory_for
 from .prepare import SUPPORTED_MODEL_TYPES, check_architecture, check_backend, prepare_model
 from .quantized import check_kv_bits, make_quantized_cache
-from .spatten import make_spatten_cache
 
-__all__ = ["STEPWISE_FACTORIES", "SUPPORTED_MODEL_TYPES", "check_architecture", "make_cache", "prepare_model"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "check_architecture", "make_cache", "make_pruning_cache", "prepare_model"]
 
-#: the cache factory of each method that is not a ``PruningCache`` policy, by its registered configuration class
-#: (``kvprune.policies.base.STEPWISE``); every eviction policy builds a ``PruningCache``
-STEPWISE_FACTORIES: dict[type, Callable[..., Any]] = {LazyLLM: make_lazy_cache, SpAtten: make_spatten_cache}
+
+@builds(Policy)
+def make_pruning_cache(model: torch.nn.Module, policy: str | Policy, budget: int | float | Budget | None = None, *,
+                       backend: str | None = None, prefill_only: bool = False, evict_every: int = 1,
+                       kv_bits: int | tuple[int, int] | None = None, **policy_params: Any) -> PruningCache:
+    """Every eviction policy's cache: a :class:`PruningCache`, or its quantized variant with ``kv_bits``."""
+    check_architecture(model.config)
+    bits = check_kv_bits(kv_bits, str(getattr(policy, "name", policy)))
+    if bits is not None:
+        cache = make_quantized_cache(model, policy, budget, bits, prefill_only=prefill_only, evict_every=evict_every,
+                                     **policy_params)
+    else:
+        cache = PruningCache(policy, budget, config=model.config, prefill_only=prefill_only, evict_every=evict_every,
+                             **policy_params)
+    prepare_model(model, backend)
+    return cache
 
 
 def make_cache(
@@ -64,23 +71,7 @@ def make_cache(
     policy = policy.lower() if isinstance(policy, str) else policy
     if backend is not None:
         check_backend(backend)
-    factory = STEPWISE_FACTORIES.get(config)
-    bits = check_kv_bits(kv_bits, factory is not None, str(getattr(config, "name", config)))  # before the model changes
-    if factory is not None:
-        if prefill_only or evict_every != 1:
-            raise InvalidParameterError("prefill_only and evict_every apply to the eviction policies, not to LazyLLM or SpAtten")
-        return attach(factory(model, policy, budget, backend=backend, **policy_params), parallel)
-    if config is KVzip:  # an eviction policy whose cache replays the context first (it may take tokenizer=)
-        if bits is not None:
-            raise InvalidParameterError("kvzip does not combine with kv_bits yet; drop kv_bits or pick another policy")
-        return attach(make_kvzip_cache(model, policy, budget, backend=backend, prefill_only=prefill_only,
-                                       evict_every=evict_every, tensor_parallel=parallel.active,
-                                       **policy_params), parallel)
-    if bits is not None:
-        cache = make_quantized_cache(model, policy, budget, bits, prefill_only=prefill_only, evict_every=evict_every,
-                                     **policy_params)
-    else:
-        cache = PruningCache(policy, budget, config=model.config, prefill_only=prefill_only, evict_every=evict_every,
-                             **policy_params)
-    prepare_model(model, backend)
+    factory = factory_for(config)  # the method's own cache, or a PruningCache for every eviction policy
+    cache = factory(model, policy, budget, backend=backend, prefill_only=prefill_only, evict_every=evict_every,
+                    kv_bits=kv_bits, **policy_params)
     return attach(cache, parallel)

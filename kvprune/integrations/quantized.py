@@ -73,14 +73,12 @@ def quantized_decode_attention(
     return out.reshape(b, hq, 1, -1).transpose(1, 2).to(query.dtype).contiguous(), obs
 
 
-def check_kv_bits(kv_bits: object, stepwise: bool, method: str) -> tuple[int, int] | None:
-    """Validate ``kv_bits`` for ``method`` before anything changes: LazyLLM and SpAtten refuse it (typed error)."""
+def check_kv_bits(kv_bits: object, method: str, refuse: str | None = None) -> tuple[int, int] | None:
+    """Validate ``kv_bits`` before anything changes; a method without quantized storage passes why as ``refuse``
+    and any ``kv_bits`` is refused with it (typed error)."""
     bits = parse_kv_bits(kv_bits)
-    if bits is not None and stepwise:
-        hint = ("SpAtten quantizes with its own progressive scheme: pass quant_bits=(msb, lsb), e.g. (8, 4)"
-                if method == "spatten" else "LazyLLM keeps a full cache (it saves compute, not memory) and has no "
-                "quantized storage yet")
-        raise InvalidParameterError(f"kv_bits applies to the eviction policies, not to {method}: {hint}")
+    if bits is not None and refuse is not None:
+        raise InvalidParameterError(f"kv_bits applies to the eviction policies, not to {method}: {refuse}")
     return bits
 
 

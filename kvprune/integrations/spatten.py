@@ -24,8 +24,10 @@ from ..policies import build_config
 from ..policies.base import rank_grid
 from ..policies.spatten import SpAtten
 from .attention import BLOCK_ELEMENTS
+from .factories import builds, refuse_schedule
 from .forward import prepare_stepwise
 from .prepare import check_architecture, prepare_model
+from .quantized import check_kv_bits
 from .selective import final_output, run_layers
 from .stepping import step_inputs
 
@@ -205,14 +207,19 @@ def spatten_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+@builds(SpAtten)
 def make_spatten_cache(model: torch.nn.Module, policy: SpAtten | str | None = None, budget: float | None = None,
-                       *, backend: str | None = None, **params: Any) -> SpAttenCache:
+                       *, backend: str | None = None, prefill_only: bool = False, evict_every: int = 1,
+                       kv_bits: object = None, **params: Any) -> SpAttenCache:
     """Prepare ``model`` for SpAtten and return a fresh :class:`SpAttenCache` (one per conversation).
 
     ``budget`` (optional) is the fraction of the full cache's KV memory to keep, averaged over layers:
     it sets ``token_ratio`` (:meth:`SpAtten.for_memory`); otherwise ``token_ratio`` is used as given.
     """
     check_architecture(model.config)
+    refuse_schedule("SpAtten", prefill_only, evict_every)
+    check_kv_bits(kv_bits, "spatten", "SpAtten quantizes with its own progressive scheme: pass quant_bits=(msb, lsb), "
+                  "e.g. (8, 4)")
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     n_layers = config.num_hidden_layers
     if not isinstance(policy, SpAtten):
