@@ -42,6 +42,6 @@ def refuse_schedule(method: str, prefill_only: bool, evict_every: int) -> None:
     """Methods that do not evict a token budget (LazyLLM, SpAtten) take no eviction schedule."""
     if prefill_only or evict_every != 1:
         raise InvalidParameterError(
-            f"prefill_only and evict_every apply to the eviction policies, not to {method} (LazyLLM and SpAtten "
-            "prune with their own schedules)"
+            f"prefill_only and evict_every apply to the eviction policies, not to LazyLLM or SpAtten ({method} prunes "
+            "with its own schedule)"
         )
