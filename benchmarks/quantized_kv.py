@@ -89,8 +89,10 @@ def plot(paths: list[Path], png: Path) -> None:
                 best = x[1]
         ax.step([x[0] for x in front], [x[1] for x in front], where="post", color="grey", linewidth=1, label="Pareto front")
         ax.set_xscale("log")
+        ax.set_xticks([2, 4, 8, 16, 32], ["2", "4", "8", "16", "32"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"SmolLM2-135M, 1K tokens, {protocol.replace('_', '-')} ({POLICY[protocol]})", fontsize=9)
-        ax.set_xlabel("KV MiB held per example (labels: token budget)")
+        ax.set_xlabel("KV MiB held per example, log scale (labels: token budget; 1 = no eviction)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (tasks the full cache can do)")
     axes[0][-1].legend(fontsize=8)
