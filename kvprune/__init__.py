@@ -2,6 +2,7 @@
 
 from .caches import Budget, CacheStats, PruningCache
 from .caches.lazy import LazyCache
+from .caches.quantized import QuantizedPruningCache
 from .caches.spatten import SpAttenCache
 from .errors import (
     BatchMismatchError,
@@ -57,6 +58,7 @@ __all__ = [
     "ObservedAttention",
     "Policy",
     "PruningCache",
+    "QuantizedPruningCache",
     "RandomPolicy",
     "SnapKV",
     "SpAtten",
