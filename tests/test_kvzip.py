@@ -78,15 +78,16 @@ def test_keep_sets_on_the_pretrained_model():
     eager = load_llama2c(path, attn_implementation="eager")
     ids = [1] + _ids(47, seed=3)
     ref = kvzip_scores(eager, ids, 20, 8, 4)
-    cache = _compress(model, ids, 16, chunk_size=20)
-    assert _kept(cache) == keep_sets(ref, 16, 4)
+    for scope in ("global", "head"):
+        cache = _compress(model, ids, 16, chunk_size=20, scope=scope)
+        assert _kept(cache) == keep_sets(ref, 16, 4, scope)
 
 
 def test_budget_at_least_the_sequence_reproduces_dynamic_cache():
     model = tiny_model("llama")
     ids, mask = padded_batch([18, 11], seed=2)
     seq_ref, logits_ref = generate_logits(model, ids, mask, DynamicCache(), n=5)
-    for params in ({}, {"scope": "global", "prefill_only": True}, {"chunk_size": 5}):
+    for params in ({}, {"scope": "head"}, {"prefill_only": True}, {"chunk_size": 5}):
         cache = kvprune.make_cache(model, "kvzip", 64, **params)
         seq, logits = generate_logits(model, ids, mask, cache, n=5)
         assert torch.equal(seq, seq_ref)
@@ -94,7 +95,7 @@ def test_budget_at_least_the_sequence_reproduces_dynamic_cache():
         assert cache.stats().evictions == [0, 0]
 
 
-@pytest.mark.parametrize("params", [{}, {"scope": "global", "prefill_only": True}])
+@pytest.mark.parametrize("params", [{"scope": "head"}, {"scope": "global"}, {"prefill_only": True}])
 def test_left_padded_rows_equal_rows_run_alone(params):
     model = tiny_model("llama")
     lengths = [23, 14]
@@ -111,17 +112,22 @@ def test_left_padded_rows_equal_rows_run_alone(params):
 def test_budget_is_held_and_stats_count_evictions():
     model = tiny_model("llama")
     ids, mask = padded_batch([30], seed=5)
-    cache = kvprune.make_cache(model, "kvzip", 10)
+    cache = kvprune.make_cache(model, "kvzip", 10, scope="head")
     seq, _ = generate_logits(model, ids, mask, cache, n=6, eos_token_id=None)
     stats = cache.stats()
     seen = seq.shape[1] - 1  # the last generated token is never fed back
     assert stats.tokens_seen == seen == 35
     assert all(int(k.max()) <= 10 for k in stats.kept)  # later tokens displace the lowest-scored context pairs
     assert all(e == 2 * (seen - 10) for e in stats.evictions)
-    grow = kvprune.make_cache(model, "kvzip", 10, prefill_only=True)
+    grow = kvprune.make_cache(model, "kvzip", 10, scope="head", prefill_only=True)
     generate_logits(model, ids, mask, grow, n=6, eos_token_id=None)
     assert all(int(k.min()) == 10 + 5 for k in grow.stats().kept)  # kvpress's schedule: the answer is appended
     assert grow.replay_seconds > 0
+    ranked = kvprune.make_cache(model, "kvzip", 10)  # the default scope="global": one budget per row over heads and layers
+    generate_logits(model, ids, mask, ranked, n=6, eos_token_id=None)
+    kept = torch.stack(ranked.stats().kept)
+    assert int(kept.sum()) == 10 * kept.numel() and len(set(kept.flatten().tolist())) > 1
+    assert all(int(layer.positions[0, h][layer.valid[0, h]].max()) == 34 for layer in ranked.layers for h in range(2))
 
 
 def test_reachable_through_eval_compare():
@@ -141,7 +147,6 @@ def test_bad_parameters_are_refused():
         ({"recent": 4}, InvalidParameterError),
         ({"prompt": 3}, InvalidParameterError),
         ({"window": 8}, InvalidParameterError),
-        ({"scope": "global"}, InvalidParameterError),  # needs prefill_only=True
         ({"tokenizer": object()}, InvalidParameterError),
         ({"kv_bits": 8}, InvalidParameterError),
     ]:

@@ -4,8 +4,9 @@ Stages of each layer: ``"context"`` (the first forward is stored whole, nothing 
 ``"replay"`` (the replay forwards of :mod:`kvprune.integrations.kvzip` append their tokens, fold the largest
 attention each context slot receives into its score, then :meth:`KVzipLayer.drop_replay` discards them),
 ``"done"`` (the context has been evicted to the budget; later tokens are appended with an infinite score,
-so that with ``prefill_only=False`` the lowest-scored context pairs make room for them, and with
-``prefill_only=True`` the cache grows as a plain cache does).
+so that with ``prefill_only=False`` the lowest-scored context pairs make room for them -- in their own
+head, or with ``scope="global"`` anywhere in the row's cache, decided once per forward after the last
+layer -- and with ``prefill_only=True`` the cache grows as a plain cache does).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..distributed import parallel_of
 from ..errors import InvalidParameterError
@@ -33,6 +35,9 @@ class KVzipLayer(PruningLayer):
         self.own_attention = None  # set by the replay driver while a replay forward runs
         self.replay: Any = None  # what the driver tells the replay attention about the current chunk
         self._context: tuple[int, int, torch.Tensor, bool] | None = None
+        if not hasattr(self, "after_forward"):
+            #: the global allocation's eviction (set on the last layer by the cache), or None: this layer evicts alone
+            self.after_forward: Any = None
 
     # -- replay bookkeeping --------------------------------------------------------------------
     def begin_replay(self) -> None:
@@ -74,7 +79,10 @@ class KVzipLayer(PruningLayer):
             return
         q, self.pending = self.pending, 0
         if q > 1 or self.evict_every == 1 or self.n_seen % self.evict_every == 0:
-            self.evict()
+            if self.policy.scope == "head":
+                self.evict()
+            elif self.after_forward is not None:  # global: once per forward, when the last layer is done
+                self.after_forward()
 
     def keep_mask(self, mask: torch.Tensor) -> None:
         """Hold the slots where ``mask [B, H, S]`` is true: as many slots as the fullest (row, head) needs, the
@@ -101,12 +109,9 @@ class KVzipCache(PruningCache):
         super().__init__(policy, budget, prefill_only=prefill_only, **kwargs)
         if not isinstance(self.policy, KVzip):
             raise InvalidParameterError(f"KVzipCache runs the kvzip policy; got {self.policy.name!r}")
-        if self.policy.scope == "global" and not prefill_only:
-            raise InvalidParameterError(
-                "kvzip with scope='global' keeps a different number of pairs per head and layer, so it compresses "
-                "once: pass prefill_only=True (later tokens are then appended), or use scope='head'"
-            )
         self.layers = [self._kvzip_layer(layer) for layer in self.layers]
+        if self.policy.scope == "global":  # after the context, the last layer's finish evicts across every layer
+            self.layers[-1].after_forward = self._evict_global
         self.tokenizer: Any = None  # set by the factory; the replay renders its instruction with it
         self.replay_seconds = 0.0  # wall time of the last replay and eviction (scoring cost)
 
@@ -133,16 +138,24 @@ class KVzipCache(PruningCache):
             layer.stage, layer._context, layer.replay = "done", None, None
             layer.frozen = self.prefill_only
 
-    def _evict_global(self, layers: list[KVzipLayer]) -> None:
+    def _evict_global(self, layers: list[KVzipLayer] | None = None) -> None:
         """Per row, keep the ``cap x heads x layers`` highest scores over every head and layer (sinks and the
-        newest token always); on a tie the earlier layer, head and slot win."""
+        newest token always; tokens after the context score infinity); on a tie the earlier layer, head and slot win."""
+        layers = [layer for layer in self.layers if layer.is_initialized] if layers is None else layers
         caps = layers[0].capacity()
         if caps is None:
             return
+        parallel = parallel_of(self)  # tensor parallel: rank every rank's heads alike (one all-gather per layer)
+        # nothing over the budget: no eviction (decided on the whole group's count, so every rank decides alike)
+        held = parallel.all_reduce_sum(sum(layer.valid.sum(dim=(1, 2)) for layer in layers))  # [B]
+        if bool((held <= caps * parallel.size * sum(layer.valid.shape[1] for layer in layers)).all()):
+            return
         effs = [rank_grid(lay.scores).masked_fill(lay.protected(caps), float("inf")).masked_fill(~lay.valid, float("-inf"))
                 for lay in layers]
-        parallel = parallel_of(self)  # tensor parallel: rank every rank's heads alike (one all-gather per layer)
         local = layers[0].scores.shape[1]
+        if parallel.active:  # ranks may hold different slot counts per layer (after a global eviction): pad with -inf
+            widths = parallel.gather_heads(torch.tensor([[e.shape[-1] for e in effs]], device=effs[0].device), dim=0)
+            effs = [F.pad(e, (0, int(w) - e.shape[-1]), value=float("-inf")) for e, w in zip(effs, widths.amax(0))]
         effs = [parallel.gather_heads(e, dim=1) for e in effs]
         flat = torch.cat([e.flatten(1) for e in effs], dim=1)
         total = caps * sum(e.shape[1] for e in effs)  # [B]: the same mean budget per head and layer
@@ -153,7 +166,8 @@ class KVzipCache(PruningCache):
         for lay, e in zip(layers, effs):
             n = e[0].numel()
             mask = chosen[:, start : start + n].view_as(e)
-            mask = mask.narrow(1, parallel.head_offset(local), local) & lay.valid  # this rank's heads
+            # this rank's heads, its own slots
+            mask = mask.narrow(1, parallel.head_offset(local), local)[..., : lay.valid.shape[-1]] & lay.valid
             start += n
             lay.keep_mask(mask)
 

@@ -11,9 +11,11 @@ Algorithm 1's sub-sampling)::
     A = Softmax(Q K̄ᵀ / sqrt(d))               # [G, H, n_in, m + n_in]
     S[l, h, j] = max_{g, i} A[g, h, i, j]     # j in chunk c_t
 
-The pairs with the lowest ``S`` are evicted: to the same budget in every (row, KV head) (``scope="head"``,
-the uniform allocation) or to one budget shared by every head and layer of a row (``scope="global"``, the
-paper's non-uniform allocation). The ``n_sink`` first tokens are never evicted; the replay's own keys and
+The pairs with the lowest ``S`` are evicted: to one budget shared by every head and layer of a row
+(``scope="global"``, the default: the paper's non-uniform allocation and kvpress's default; the budget is then
+the mean per (layer, KV head)), or to the same budget in every (row, KV head) (``scope="head"``, the uniform
+allocation). On SmolLM2-135M at 2K tokens the uniform one drops digits of the needles the global one keeps
+(BENCHMARKS.md §11). The ``n_sink`` first tokens are never evicted; the replay's own keys and
 values are discarded. The replay is driven by :mod:`kvprune.integrations.kvzip` (it needs the model and
 the tokenizer's chat template); this class holds the parameters and the score rule.
 """
@@ -38,7 +40,7 @@ class KVzip(Policy):
 
     n_sink: int = 4
     chunk_size: int = 2048
-    scope: str = "head"
+    scope: str = "global"
     #: the instruction before the first chunk, and before the quoted tail of the previous chunk for the rest
     prompt: str = "Repeat the previous context exactly."
     continuation: str = "Repeat the part of the previous context exactly, starting with"
