@@ -156,6 +156,39 @@ def test_prefill_output_is_the_float_caches():
     assert torch.equal(got, ref)
 
 
+def test_a_later_prompt_chunk_reads_the_held_tokens_dequantized():
+    """A multi-token forward on a non-empty cache (a question after its context, a prompt chunk): its own tokens
+    are float, the held ones dequantized -- the first chunk exact, the second within the step's bound."""
+    model = tiny_model("llama", "sdpa")
+    ids, _ = padded_batch([20])
+
+    def chunked(cache):
+        with torch.no_grad():
+            first = model(input_ids=ids[:, :12], past_key_values=cache).logits
+            return first, model(input_ids=ids[:, 12:], past_key_values=cache).logits
+
+    ref = chunked(kvprune.make_cache(model, "h2o", 40))
+    for bits, bound in ((8, 0.005), (4, 0.005 * STEP_RATIO_4_OVER_8)):
+        got = chunked(kvprune.make_cache(model, "h2o", 40, kv_bits=bits))
+        assert torch.equal(got[0], ref[0])
+        assert 0 < float((got[1] - ref[1]).abs().max()) <= bound
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    """Records hold float32 ranges whatever the model's dtype; the layer serves the model's dtype."""
+    model = tiny_model("llama", "sdpa", dtype=dtype)
+    ids, mask = padded_batch([17, 11])
+    ref_tokens, ref = generate_logits(model, ids, mask, kvprune.make_cache(model, "h2o", 40), 6)
+    for bits, bound in ((8, 0.01), (4, 0.005 * STEP_RATIO_4_OVER_8)):
+        cache = kvprune.make_cache(model, "h2o", 40, kv_bits=bits)
+        tokens, logits = generate_logits(model, ids, mask, cache, 6)
+        assert logits.dtype == dtype and all(layer.dtype == dtype for layer in cache.layers)
+        assert float((logits.float() - ref.float()).abs().max()) <= bound
+        if bits == 8:
+            assert torch.equal(tokens, ref_tokens)
+
+
 # -- keep-sets ----------------------------------------------------------------------------------------
 KEEP_SAME = [
     ("streaming", {"n_sink": 2}, {}),
