@@ -13,12 +13,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..caches.quant import levels
 from ..caches.quantized import QuantizedLayer, QuantizedPruningCache, parse_kv_bits
 from ..distributed import parallel_of
 from ..errors import InvalidParameterError
 from .attention import BLOCK_ELEMENTS, estimate_observation
+
+
+def _nibbles(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The low and high 4-bit levels of packed bytes, as float32 (the even and the odd elements)."""
+    return (packed & 0xF).float(), (packed >> 4).float()
 
 
 def _block(per_slot: int) -> int:
@@ -45,12 +51,19 @@ def quantized_decode_attention(
     old = s - 1  # every slot but this step's token
     qs = (query.float() * scaling).reshape(b, hkv, g, d)
     qsum = qs.sum(-1, keepdim=True)  # [B, Hkv, G, 1]
+    # 4 bits: the low nibbles hold the even elements, the high ones the odd (quant._pack), so the query is split
+    # the same way instead of unpacking the levels into an interleaved copy
+    halves = F.pad(qs, (0, d % 2)).unflatten(-1, (-1, 2)).unbind(-1) if kc.bits == 4 else None
     logits = torch.empty((b, hkv, g, s), dtype=torch.float32, device=query.device)
     step = _block(b * hkv * kc.dim)
     for a in range(0, old, step):
         e = min(old, a + step)
         t = kc.view(krec[:, :, a:e])
-        dots = torch.matmul(qs, levels(t).transpose(-1, -2))  # [B, Hkv, G, n]
+        if halves is None:
+            dots = torch.matmul(qs, levels(t).transpose(-1, -2))  # [B, Hkv, G, n]
+        else:
+            low, high = _nibbles(t.lsb)
+            dots = torch.matmul(halves[0], low.transpose(-1, -2)) + torch.matmul(halves[1], high.transpose(-1, -2))
         logits[..., a:e] = dots * t.scale[..., 0][:, :, None, :] + qsum * t.lo[..., 0][:, :, None, :]
     logits[..., old:] = torch.matmul(qs, fresh_k.float().transpose(-1, -2))
     allowed = layer.attention_allowed(1, sliding_window)  # [B, H or 1, 1, S] or None
@@ -63,7 +76,12 @@ def quantized_decode_attention(
         e = min(old, a + step)
         t = vc.view(vrec[:, :, a:e])
         p = probs[..., a:e]
-        out += torch.matmul(p * t.scale[..., 0][:, :, None, :], levels(t))
+        ps = p * t.scale[..., 0][:, :, None, :]
+        if vc.bits == 4:
+            low, high = _nibbles(t.lsb)
+            out += torch.stack([torch.matmul(ps, low), torch.matmul(ps, high)], dim=-1).flatten(-2)[..., : vc.dim]
+        else:
+            out += torch.matmul(ps, levels(t))
         out += (p * t.lo[..., 0][:, :, None, :]).sum(-1, keepdim=True)
     obs = None
     if not layer.frozen and layer.policy.observation != "none":
