@@ -74,7 +74,9 @@ def _run(name, params, budget, ids, mask, steps, backend, check=None):
     return torch.cat(tokens, 1), cache
 
 
-def _check_layer_invariants(cache, written):
+def _check_layer_invariants(cache, written, stored=None):
+    """Budget, protection, order and content of every layer; ``stored(layer, k, v)`` is what a layer holds for a
+    written key/value vector (default: the vectors themselves, bit for bit)."""
     for layer in cache.layers:
         caps = layer.capacity()
         assert layer.physical_length <= int(caps.max()), "physical size <= budget"
@@ -91,8 +93,9 @@ def _check_layer_invariants(cache, written):
                 assert int(v.sum()) <= int(caps[r]), "row within its own budget"
                 for slot in torch.nonzero(v).flatten().tolist():
                     k, val = written[(layer.layer_idx, int(layer.positions[r, hh, slot]))]
-                    assert torch.equal(layer.keys[r, hh, slot], k[r, hh]), "kept K bit-identical"
-                    assert torch.equal(layer.values[r, hh, slot], val[r, hh]), "kept V bit-identical"
+                    k, val = (k[r, hh], val[r, hh]) if stored is None else stored(layer, k[r, hh], val[r, hh])
+                    assert torch.equal(layer.keys[r, hh, slot], k), "kept K bit-identical"
+                    assert torch.equal(layer.values[r, hh, slot], val), "kept V bit-identical"
 
 
 def _kept_ranks(cache, r):
