@@ -14,7 +14,8 @@ from ..errors import InvalidBudgetError
 from ..policies import budget_kind, check_params, methods
 
 DEFAULT_POLICIES: tuple[str, ...] = (
-    "a2sf", "h2o", "spatten", "lazyllm", "tova", "snapkv", "observed", "keydiff", "streaming", "knorm", "random",
+    "a2sf", "h2o", "spatten", "lazyllm", "tova", "snapkv", "observed", "keydiff", "kvzip", "streaming", "knorm",
+    "random",
 )
 DEFAULT_BUDGETS: tuple[float, ...] = (0.1, 0.25, 0.5)
 COLUMNS = ["task", "protocol", "policy", "budget", "metric", "value", "kv_bytes", "prefill_s", "decode_s", "n"]
