@@ -59,3 +59,24 @@ def test_options_a_method_does_not_take_are_refused_before_the_model_changes(met
     with pytest.raises(InvalidParameterError):
         kvprune.make_cache(model, method, **option)
     assert model.config._attn_implementation == before
+
+
+def test_the_registry_says_which_methods_take_a_tokenizer():
+    from kvprune.eval.qa import with_tokenizer
+    from kvprune.policies import wants_tokenizer
+
+    assert [m for m in methods() if wants_tokenizer(m)] == ["kvzip"]
+    tok = object()
+    assert with_tokenizer("KVzip", {"chunk_size": 8}, tok) == {"chunk_size": 8, "tokenizer": tok}
+    assert with_tokenizer("kvzip", {"tokenizer": None}, tok) == {"tokenizer": None}  # the caller's choice stands
+    assert with_tokenizer("h2o", {}, tok) == {} and with_tokenizer("kvzip", {}, None) == {}
+
+
+@pytest.mark.parametrize("method,config", [("lazyllm", "LazyLLM"), ("spatten", "SpAtten"), ("kvzip", "KVzip")])
+def test_a_configuration_object_and_parameters_by_name_are_refused_together(method, config):
+    import kvprune.policies as policies
+
+    model = tiny_model()
+    obj = getattr(policies, config)() if hasattr(policies, config) else method_config(method)()
+    with pytest.raises(InvalidParameterError, match="not both"):
+        kvprune.make_cache(model, obj, 0.5 if method == "kvzip" else None, n_sink=1)

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..policies import METHODS, budget_kind, method_config, methods
+from ..policies import METHODS, budget_kind, methods
 from .compare import DEFAULT_POLICIES
-from .qa import PROTOCOLS
+from .qa import PROTOCOLS, with_tokenizer
 
 
 class _Parser(argparse.ArgumentParser):
@@ -276,10 +276,7 @@ def cmd_generate(args) -> int:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt")
     args.budget = _policy_budget(args.policy, args.budget, 256)
-    params = _params(args.params)
-    if getattr(method_config(args.policy), "wants_tokenizer", False) and tokenizer is not None:
-        params.setdefault("tokenizer", tokenizer)  # KVzip renders its replay instruction with it
-    cache = make_cache(model, args.policy, args.budget, **params)
+    cache = make_cache(model, args.policy, args.budget, **with_tokenizer(args.policy, _params(args.params), tokenizer))
     with torch.no_grad():
         out = model.generate(**inputs, **with_cache(cache), max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))

@@ -19,13 +19,21 @@ import torch
 from ..caches import Budget
 from ..integrations import make_cache
 from ..integrations.compat import with_cache
-from ..policies import Policy, method_config
+from ..policies import Policy, wants_tokenizer
 from ..errors import InvalidParameterError
 from .tasks import format_prompt as default_prompt
 from .tasks import score_answer
 
 #: the two evaluation protocols (see the module docstring)
 PROTOCOLS: tuple[str, ...] = ("query_agnostic", "query_aware")
+
+
+def with_tokenizer(method: str | object, params: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """``params`` plus ``tokenizer=`` for a method whose cache renders a prompt of its own (KVzip's replay
+    instruction), unless the caller passed one."""
+    if tokenizer is None or "tokenizer" in params or not wants_tokenizer(method):
+        return params
+    return {**params, "tokenizer": tokenizer}
 
 
 def check_protocol(protocol: str) -> str:
@@ -149,9 +157,7 @@ def run_qa(
                 ids[row, wc + wq - len(q) :] = torch.tensor(q)
                 mask[row, wc + wq - len(q) :] = 1
         limits = [int(examples[i].get("max_new_tokens") or max_new_tokens) for i in idx]
-        # a method that renders a prompt of its own (KVzip's replay instruction) gets the tokenizer too
-        wants = getattr(method_config(policy), "wants_tokenizer", False) and "tokenizer" not in policy_params
-        cache = make_cache(model, policy, budget, **policy_params, **({"tokenizer": tokenizer} if wants else {}))
+        cache = make_cache(model, policy, budget, **with_tokenizer(policy, policy_params, tokenizer))
         tokens, prefill_s, decode_s = greedy_decode(model, ids.to(device), mask.to(device), cache, max(limits), stop_ids,
                                                     context_len=wc if wq and protocol == "query_agnostic" else None)
         kv = cache.stats().kv_bytes // len(idx)

@@ -32,7 +32,7 @@ import torch
 from ..caches.kvzip import KVzipCache, KVzipLayer
 from ..caches.quantized import parse_kv_bits
 from ..errors import InvalidParameterError
-from ..policies import build_config
+from ..policies import configure
 from ..policies.kvzip import KVzip
 from .attention import grouped_output, grouped_probs, sdpa_output
 from .compat import with_cache
@@ -244,9 +244,7 @@ def make_kvzip_cache(model: torch.nn.Module, policy: str | KVzip = "kvzip", budg
     if kv_bits is not None:
         parse_kv_bits(kv_bits)  # an invalid value says what is valid
         raise InvalidParameterError("kvzip does not combine with kv_bits yet; drop kv_bits or pick another policy")
-    config = policy if isinstance(policy, KVzip) else build_config(KVzip, params)
-    if isinstance(policy, KVzip) and params:
-        raise InvalidParameterError("pass kvzip's parameters either to the KVzip object or by name, not both")
+    config = configure(KVzip, policy, params)
     replay_prompts(tokenizer, config)  # a typed error for a wrong tokenizer, before anything runs
     cache = KVzipCache(config, budget, config=model.config, prefill_only=prefill_only, evict_every=evict_every)
     cache.tokenizer = tokenizer

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from ..caches.contract import StepContext
 from ..caches.lazy import LazyCache
 from ..errors import InvalidParameterError
-from ..policies import build_config
+from ..policies import configure
 from ..policies.lazyllm import LazyLLM
 from .factories import builds, refuse_schedule
 from .forward import prepare_stepwise
@@ -104,11 +104,7 @@ def make_lazy_cache(model: torch.nn.Module, policy: LazyLLM | str | None = None,
     refuse_schedule("LazyLLM", prefill_only, evict_every)
     check_kv_bits(kv_bits, "lazyllm", "LazyLLM keeps a full cache (it saves compute, not memory) and has no quantized "
                   "storage yet")
-    if isinstance(policy, LazyLLM):
-        if params:
-            raise InvalidParameterError("pass parameters either to the LazyLLM object or by name, not both")
-    else:
-        policy = build_config(LazyLLM, params)
+    policy = configure(LazyLLM, policy, params)
     cache = LazyCache(policy, model.config.num_hidden_layers)  # validates the schedule before the model changes
     cache.step_forward = lazy_forward
     prepare_model(model, backend)

@@ -20,7 +20,7 @@ from ..caches.contract import StepContext
 from ..caches.quant import QTensor
 from ..caches.spatten import SpAttenCache, SpAttenLayer
 from ..errors import InvalidParameterError
-from ..policies import build_config
+from ..policies import configure
 from ..policies.base import rank_grid
 from ..policies.spatten import SpAtten
 from .attention import BLOCK_ELEMENTS
@@ -222,11 +222,10 @@ def make_spatten_cache(model: torch.nn.Module, policy: SpAtten | str | None = No
                   "e.g. (8, 4)")
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     n_layers = config.num_hidden_layers
-    if not isinstance(policy, SpAtten):
-        build_config(SpAtten, params)  # unknown or invalid parameters: a typed error
-        policy = SpAtten.for_memory(budget, n_layers, **params) if budget is not None else SpAtten(**params)
-    elif budget is not None or params:
+    given = configure(SpAtten, policy, params)  # the object, or one built from the names (typed errors)
+    if budget is not None and given is policy:
         raise InvalidParameterError("pass SpAtten parameters either in the policy object or as keywords/budget, not both")
+    policy = SpAtten.for_memory(budget, n_layers, **params) if budget is not None else given
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     cache = SpAttenCache(policy, n_layers, n_heads, n_kv)  # validates the schedules before the model changes

@@ -54,6 +54,21 @@ def budget_kind(method: str | object) -> str:
     return method_config(method).budget_kind
 
 
+def wants_tokenizer(method: str | object) -> bool:
+    """Whether ``method``'s cache renders a prompt of its own and takes ``tokenizer=`` (KVzip's replay instruction)."""
+    return method_config(method).wants_tokenizer
+
+
+def configure(cls: type, method: str | object, params: dict[str, Any]) -> Any:
+    """The configuration a cache factory builds from: ``method`` itself when it is a ``cls`` object (then no
+    parameters by name), else ``cls(**params)`` with unknown names refused (typed errors)."""
+    if isinstance(method, cls):
+        if params:
+            raise InvalidParameterError(f"pass parameters either to the {cls.__name__} object or by name, not both")
+        return method
+    return build_config(cls, params)
+
+
 def build_policy(policy: str | Policy, **params: Any) -> Policy:
     """Return ``policy`` itself, or a new policy built from its registered name and parameters."""
     if isinstance(policy, Policy):
@@ -107,6 +122,8 @@ __all__ = [
     "build_config",
     "build_policy",
     "check_params",
+    "configure",
     "method_config",
     "methods",
+    "wants_tokenizer",
 ]

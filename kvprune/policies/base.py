@@ -111,6 +111,8 @@ class Policy:
     evicts: ClassVar[bool] = True
     #: what ``budget`` means for this method (:data:`BUDGET_KINDS`); "none" for a policy that never evicts
     budget_kind: ClassVar[str] = "tokens"
+    #: the cache renders a prompt of its own and takes ``tokenizer=`` (KVzip's replay instruction)
+    wants_tokenizer: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         """A subclass that sets its own ``name`` registers itself: ``make_cache(model, name, ...)`` then builds it."""

@@ -35,6 +35,7 @@ class LazyLLM:
 
     name: ClassVar[str] = "lazyllm"
     budget_kind: ClassVar[str] = "none"  # it prunes computation, not memory
+    wants_tokenizer: ClassVar[bool] = False
     observation: ClassVar[str] = "last_query"
     shared_across_heads: ClassVar[bool] = True  # importance is averaged over every head of the layer
 

@@ -68,6 +68,7 @@ class SpAtten:
 
     name: ClassVar[str] = "spatten"
     budget_kind: ClassVar[str] = "kv_fraction"  # a budget is the fraction of KV memory kept
+    wants_tokenizer: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _check_ratio("token_ratio", self.token_ratio)
