@@ -11,7 +11,7 @@ import torch
 from conftest import generate_logits, padded_batch, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_invariants import _check_layer_invariants, _kept_ranks, _run, scenarios
+from test_invariants import _check_layer_invariants, _run, check_rows_independent_and_deterministic, scenarios
 
 import kvprune
 from kvprune.caches.quantized import Codec, QuantizedLayer, QuantizedPruningCache
@@ -244,18 +244,7 @@ def test_cache_invariants_on_quantized_storage(scenario, bits):
 @settings(max_examples=25, deadline=None)
 @given(scenarios(), st.sampled_from([8, 4]))
 def test_rows_independent_and_deterministic_on_quantized_storage(scenario, bits):
-    name, params, budget, lengths, steps, backend = _quantized(scenario, bits)
-    ids, mask = padded_batch(lengths)
-    tokens, cache = _run(name, params, budget, ids, mask, steps, backend)
-    again, cache2 = _run(name, params, budget, ids, mask, steps, backend)
-    assert torch.equal(tokens, again)
-    for la, lb in zip(cache.layers, cache2.layers):
-        assert torch.equal(la.positions, lb.positions) and torch.equal(la.keys, lb.keys)
-    for r, n in enumerate(lengths):
-        alone_ids = ids[r : r + 1, ids.shape[1] - n :]
-        alone, alone_cache = _run(name, params, budget, alone_ids, torch.ones_like(alone_ids), steps, backend)
-        assert torch.equal(tokens[r : r + 1], alone), f"row {r} differs from the row run alone"
-        assert _kept_ranks(cache, r) == _kept_ranks(alone_cache, 0)
+    check_rows_independent_and_deterministic(_quantized(scenario, bits))
 
 
 # -- decode steps read records block by block --------------------------------------------------------
