@@ -79,7 +79,7 @@ def main() -> None:
             dec = "same" if decode is None else ", ".join(map(str, decode))
             print(f"| {length} | {len(examples)} | {', '.join(map(str, ratios))} | {dec} | {em(full):.3f} | {em(lazy):.3f} | "
                   f"{per_task} | {t(full):.3f} | {t(lazy):.3f} | {t(full) / t(lazy):.2f}x | {total(full) / total(lazy):.2f}x | "
-                  f"{_work(model, tok, examples[0], policy, sep)} |", flush=True)
+                  f"{_work(model, tok, examples[0], policy, args.protocol == 'split')} |", flush=True)
 
 
 def _work(model, tok, example, policy, sep) -> str:

@@ -121,3 +121,121 @@ def test_one_over_fast_path_decides_as_the_general_path(method, params, lengths,
     for (la, ka), (lb, kb) in zip(*runs):
         assert ka == kb
         torch.testing.assert_close(la, lb)
+
+
+def _chunked(model, cache, ids, mask, steps):
+    """Prefill, ``steps`` greedy one-token steps, a 5-token chunk, then ``steps`` more; yields logits and keep-sets."""
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    chunk = torch.randint(3, model.config.vocab_size, (ids.shape[0], 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **with_cache(cache)).logits[:, -1:]
+        for part in range(3):
+            for _ in range(steps if part != 1 else 1):
+                nxt = logits.argmax(-1) if part != 1 else chunk
+                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+                pos = pos[:, -1:] + torch.arange(1, nxt.shape[1] + 1)
+                logits = model(input_ids=nxt, attention_mask=mask, position_ids=pos, **with_cache(cache)).logits[:, -1:]
+                yield logits, _kept(cache)
+
+
+@pytest.mark.parametrize("method,params", [("h2o", {}), ("tova", {"recent": 3}), ("streaming", {"n_sink": 2}),
+                                           ("keydiff", {"n_sink": 1}), ("a2sf", {"n_sink": 2})])
+@pytest.mark.parametrize("lengths", [[30], [30, 21]])
+def test_decode_evictions_of_all_layers_at_once_decide_as_each_layer_alone(method, params, lengths):
+    """Decode evictions are chosen for every layer together once the last layer has attended, and the newest slot
+    moves into the victim's place (slots leave position order). Each layer evicting alone at once, and the general
+    sort-and-gather path (which puts slots back in position order, here for a multi-token chunk between decode
+    steps), keep the same tokens and give the same logits; after every forward each layer holds its budget."""
+    from kvprune.caches.layer import PruningLayer
+
+    model = tiny_model()
+    ids, mask = padded_batch(lengths)
+    runs = []
+    for mode in ("together", "alone", "general"):
+        cache = kvprune.make_cache(model, method, 12, **params)
+        if mode == "alone":
+            for layer in cache.layers:
+                layer.deferred = None
+        original = PruningLayer._evict_one_over
+        try:
+            if mode == "general":
+                PruningLayer._evict_one_over = lambda self: False
+            steps = list(_chunked(model, cache, ids, mask, 6))
+        finally:
+            PruningLayer._evict_one_over = original
+        for layer in cache.layers:
+            assert int(layer.kept().max()) <= 12 and not layer.eviction_due
+        if mode == "together":
+            assert not all(layer.in_position_order for layer in cache.layers), "decode evictions moved slots"
+        runs.append(steps)
+    for together, alone, general in zip(*runs):
+        assert together[1] == alone[1] == general[1]
+        torch.testing.assert_close(together[0], alone[0])
+        torch.testing.assert_close(together[0], general[0])
+
+
+def test_a_forward_that_stops_early_leaves_no_eviction_behind():
+    """A forward that raises after some layers handed over their decode eviction: the next use of such a layer
+    evicts first (the budget holds before it attends again), and ``reset`` forgets what was due."""
+    model = tiny_model()
+    ids, _ = padded_batch([20])
+    cache = kvprune.make_cache(model, "h2o", 8)
+    with torch.no_grad():
+        model(input_ids=ids, **with_cache(cache))
+        nxt = ids[:, -1:]
+
+        def stop(*_):
+            raise RuntimeError("stopped")
+
+        hook = model.model.layers[-1].self_attn.register_forward_pre_hook(stop)
+        with pytest.raises(RuntimeError, match="stopped"):
+            model(input_ids=nxt, **with_cache(cache))
+        hook.remove()
+        first = cache.layers[0]
+        assert first.eviction_due and first.keys.shape[-2] == 9  # handed over, not dropped: the last layer never ran
+        first.select_rows(torch.tensor([0]))  # what beam search would do between steps: evicts first
+        assert not first.eviction_due and first.keys.shape[-2] == 8
+        for then in ("forward", "reset"):
+            hook = model.model.layers[-1].self_attn.register_forward_pre_hook(stop)
+            with pytest.raises(RuntimeError, match="stopped"):
+                model(input_ids=nxt, **with_cache(cache))
+            hook.remove()
+            assert first.eviction_due
+            if then == "forward":  # the first layer's next update evicts before appending
+                model(input_ids=nxt, **with_cache(cache))
+                assert all(layer.keys.shape[-2] == 8 and not layer.eviction_due for layer in cache.layers)
+        cache.reset()
+        assert not first.deferred.due and not first.eviction_due
+        model(input_ids=ids, **with_cache(cache))
+        for _ in range(3):
+            model(input_ids=nxt, **with_cache(cache))
+            assert all(layer.keys.shape[-2] == 8 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("lengths", [[30], [30, 21]])
+def test_tova_observes_only_the_steps_that_evict(lengths, monkeypatch):
+    """TOVA's scores are its newest observation, so between amortised evictions a step observes nothing (the
+    explicit attention row is skipped); it keeps what observing at every step keeps, with the same logits."""
+    from kvprune.integrations import attention
+    from kvprune.policies.tova import TOVA
+
+    model = tiny_model()
+    ids, mask = padded_batch(lengths)
+    runs, observed = [], []
+    real = attention.estimate_observation
+
+    def counting(*args, **kwargs):
+        observed[-1] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "estimate_observation", counting)
+    for rests in (True, False):
+        monkeypatch.setattr(TOVA, "replaces_scores", rests)
+        observed.append(0)
+        cache = kvprune.make_cache(model, "tova", 12, evict_every=4, recent=2)
+        runs.append([(logits, _kept(cache)) for logits in _steps(model, cache, ids, mask, 12)])
+    layers = model.config.num_hidden_layers
+    assert observed == [layers * (1 + 3), layers * (1 + 12)]  # the prompt, then steps 4, 8, 12 only
+    for (la, ka), (lb, kb) in zip(*runs):
+        assert ka == kb
+        torch.testing.assert_close(la, lb)

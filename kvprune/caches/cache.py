@@ -12,6 +12,7 @@ from ..errors import CacheUsageError, InvalidBudgetError, InvalidParameterError
 from ..policies import Policy, build_policy
 from .base import KVCache
 from .budget import Budget
+from .decode import DeferredEvictions
 from .layer import PruningLayer
 
 #: attention implementations whose names start with this route through kvprune
@@ -67,10 +68,16 @@ class PruningCache(KVCache):
             raise InvalidParameterError(f"evict_every is an integer number of decode steps in 1..4096; got {evict_every!r}")
         self.prefill_only = prefill_only
         self.evict_every = evict_every
-        super().__init__(layers=[PruningLayer(i, self.policy, self.budget) for i in range(num_layers)])
+        super().__init__(layers=[self.make_layer(i) for i in range(num_layers)])
+        deferred = DeferredEvictions(num_layers)  # decode evictions of every layer, chosen together
         for layer in self.layers:
             layer.prefill_only = prefill_only
             layer.evict_every = evict_every
+            layer.deferred = deferred
+
+    def make_layer(self, layer_idx: int) -> PruningLayer:
+        """The storage of one decoder layer (a subclass of the cache picks its own layer kind here)."""
+        return PruningLayer(layer_idx, self.policy, self.budget)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any

@@ -109,17 +109,13 @@ class KVzipCache(PruningCache):
         super().__init__(policy, budget, prefill_only=prefill_only, **kwargs)
         if not isinstance(self.policy, KVzip):
             raise InvalidParameterError(f"KVzipCache runs the kvzip policy; got {self.policy.name!r}")
-        self.layers = [self._kvzip_layer(layer) for layer in self.layers]
         if self.policy.scope == "global":  # after the context, the last layer's finish evicts across every layer
             self.layers[-1].after_forward = self._evict_global
         self.tokenizer: Any = None  # set by the factory; the replay renders its instruction with it
         self.replay_seconds = 0.0  # wall time of the last replay and eviction (scoring cost)
 
-    @staticmethod
-    def _kvzip_layer(layer: PruningLayer) -> KVzipLayer:
-        new = KVzipLayer(layer.layer_idx, layer.policy, layer.budget)
-        new.prefill_only, new.evict_every = layer.prefill_only, layer.evict_every
-        return new
+    def make_layer(self, layer_idx: int) -> KVzipLayer:
+        return KVzipLayer(layer_idx, self.policy, self.budget)
 
     @property
     def stage(self) -> str:

@@ -17,6 +17,7 @@ from ..policies.base import rank_grid
 from .base import KVLayer, check_layout, grown, room
 from .budget import Budget
 from .contract import bind
+from .decode import DeferredEvictions, one_over_victims
 
 INDEX_DTYPE = torch.int32
 #: what a free slot holds for (keys, values, positions, ranks, valid, scores); None: written by the append
@@ -70,6 +71,8 @@ class PruningLayer(KVLayer):
         self.budget = budget
         self.prefill_only = False  # set by the cache: evict once, after the first forward
         self.evict_every = 1  # set by the cache: one-token steps evict every this many tokens seen
+        #: set by the cache: one-over decode evictions chosen with the other layers' (None: each layer alone)
+        self.deferred: DeferredEvictions | None = None
         self.reset()
 
     # -- transformers' layer contract --------------------------------------------------------
@@ -96,6 +99,8 @@ class PruningLayer(KVLayer):
                 "generate without compile (drop `compile_config`/`torch.compile`) or use policy='full' with "
                 "transformers' StaticCache"
             )
+        if self.eviction_due:  # a forward ended before every layer had attended: evict before attending again
+            self.deferred.flush()
         if self.pending:
             raise CacheUsageError(
                 "the previous forward never reached kvprune's attention function. Prepare the model with "
@@ -125,7 +130,19 @@ class PruningLayer(KVLayer):
         self._use_slots(n + q)
         self.n_seen += q
         self.pending = q
+        self.resting = q == 1 and self.policy.replaces_scores and self.n_seen % self.evict_every != 0
         return bind(self.keys, self), self.values
+
+    @property
+    def frozen(self) -> bool:
+        """Nothing to observe or evict this step: ``prefill_only`` past the prompt, or a one-token step between
+        amortised evictions under a policy whose scores are just its newest observation (TOVA), which the next
+        evicting step replaces anyway."""
+        return self.sealed or self.resting
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        self.sealed = value
 
     # -- storage: buffers with free slots at the end; keys, values and metadata are views of their front
     def _use_slots(self, n: int) -> None:
@@ -178,10 +195,19 @@ class PruningLayer(KVLayer):
         self.evictions = 0
         self.heads_aligned = True
         self.all_valid = True  # no slot is padding (lets decode steps skip the mask)
-        self.frozen = False  # prefill_only and past the first forward: no scores, no eviction
+        self.in_position_order = True  # False after a decode eviction moved the newest slot into the victim's
+        if self.deferred is not None:
+            self.deferred.discard(self)
+        self.eviction_due = False  # handed to ``deferred``, not yet dropped
+        self._row_starts: torch.Tensor | None = None  # drop_slots' flat index of each (row, head)'s first slot
+        self._row_size = 0
+        self.sealed = False  # prefill_only and past the first forward: no scores, no eviction
+        self.resting = False  # this step neither evicts nor keeps what it would observe (see ``frozen``)
         self.is_initialized = False
 
     def select_rows(self, index: torch.Tensor) -> None:
+        if self.eviction_due:
+            self.deferred.flush()
         index = index.to(self.device)
         for name in ("keys", "values", "positions", "ranks", "valid", "scores", "n_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index))
@@ -243,7 +269,7 @@ class PruningLayer(KVLayer):
         )
 
     def ordered_queries(self) -> None:
-        """Slots are in position order: no staircase needed."""
+        """The new queries are the newest slots, in order, after every older slot: no staircase needed."""
         return None
 
     def finish(self, obs: torch.Tensor | None) -> None:
@@ -285,6 +311,9 @@ class PruningLayer(KVLayer):
         cap = int(caps.max())
         if self.keys.shape[-2] <= cap and not bool((self.valid.sum(-1) > caps[:, None]).any()):
             return
+        if not self.in_position_order:  # ties below go to the earlier slot, which must be the older token
+            self._adopt(self.positions.argsort(dim=-1))
+            self.in_position_order = True
         eff = self.scores
         if type(self.policy).eviction_scores is not Policy.eviction_scores:
             eff = self.policy.eviction_scores(eff, self.policy_keys(), self.ranks, self.valid, self.n_valid)
@@ -314,10 +343,9 @@ class PruningLayer(KVLayer):
             self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
 
     def _evict_one_over(self) -> bool:
-        """The common decode step under a token budget, with few ops: every slot real, each (row, KV head) at most
-        one over. Slots are then in rank order, the sinks first and the recent window last (a window of fixed size
-        under a fixed budget never loses a token it holds), so protection is two slices, and the lowest score goes,
-        the newest among equals -- what the general path decides. False: the general path must run."""
+        """The common decode step under a token budget: every slot real, each (row, KV head) exactly one over. The
+        victim (:func:`~kvprune.caches.decode.one_over_victims`, what the general path decides) is chosen with the
+        other layers' once they have attended (``deferred``), or now. False: the general path must run."""
         budget = self.budget
         if budget is None or budget.tokens is None or not self.all_valid or not self.policy.evicts:
             return False
@@ -329,16 +357,34 @@ class PruningLayer(KVLayer):
         eff = self.scores
         if type(self.policy).eviction_scores is not Policy.eviction_scores:
             eff = self.policy.eviction_scores(eff, self.policy_keys(), self.ranks, self.valid, self.n_valid)
-        eff = rank_grid(eff)  # a new tensor: filled in place below
-        eff[..., : self.policy.n_sink] = float("inf")
-        eff[..., s - max(1, self.policy.recent_count(cap)) :] = float("inf")
-        victim = (s - 1) - eff.flip(-1).argmin(dim=-1, keepdim=True)
-        keep = torch.arange(cap, device=self.device).expand(*eff.shape[:2], cap)
-        self._adopt(keep + (keep >= victim).to(keep.dtype))
-        self.evictions += eff.shape[0] * eff.shape[1]
-        if self.heads_aligned:
-            self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
+        recent = max(1, self.policy.recent_count(cap))
+        if self.deferred is not None:
+            self.eviction_due = True
+            self.deferred.defer(self, eff, recent, self.policy.n_sink)
+        else:
+            self.drop_slots(one_over_victims(eff, self.ranks, (self.n_valid - recent)[:, None, None], self.policy.n_sink))
         return True
+
+    def drop_slots(self, victim: torch.Tensor) -> None:
+        """Drop slot ``victim [B, H, 1]`` of each (row, KV head), which holds one slot over: the newest slot moves
+        into its place (a copy of one slot, not of the cache) and the last slot becomes the free one again."""
+        b, h, _ = victim.shape
+        last, size = self.keys.shape[-2] - 1, self._bufs[0].shape[2]
+        if self._row_starts is None or self._row_starts.numel() != b * h or self._row_size != size:
+            self._row_starts = torch.arange(b * h, device=self.device) * size  # each (row, head)'s first slot, flat
+            self._row_size = size
+        dst, src = victim.view(-1) + self._row_starts, self._row_starts + last
+        for t in self._bufs:
+            if t is not self._bufs[4]:  # every slot involved is valid: validity needs no copy
+                flat = t.view(b * h * size, -1) if t.dim() == 4 else t.view(-1)
+                flat.index_copy_(0, dst, flat.index_select(0, src))
+        self._bufs[3].view(-1).index_fill_(0, src, _FREE_SLOT[3])
+        self._bufs[5].view(-1).index_fill_(0, src, _FREE_SLOT[5])
+        self._use_slots(last)
+        self.in_position_order = self.eviction_due = False
+        self.evictions += victim.numel()
+        if self.heads_aligned and h > 1 and not self.policy.shared_across_heads:  # shared: every head drops alike
+            self.heads_aligned = bool((victim == victim[:, :1]).all())
 
     def policy_keys(self, new: int = 0) -> torch.Tensor:
         """The keys a policy reads, ``[B, H, S, D]`` float: the ``new`` newest slots, or every held slot with 0

@@ -194,12 +194,12 @@ class QuantizedPruningCache(PruningCache):
         bits = parse_kv_bits(kv_bits)
         if bits is None:
             raise InvalidParameterError("QuantizedPruningCache needs kv_bits (8 or 4); use PruningCache for float storage")
+        self.kv_bits = bits
         super().__init__(policy, budget, config=config, num_layers=num_layers, prefill_only=prefill_only,
                          evict_every=evict_every, **policy_params)
-        self.kv_bits = bits
-        self.layers = [QuantizedLayer(i, self.policy, self.budget, bits) for i in range(len(self.layers))]
-        for layer in self.layers:
-            layer.prefill_only, layer.evict_every = prefill_only, evict_every
+
+    def make_layer(self, layer_idx: int) -> QuantizedLayer:
+        return QuantizedLayer(layer_idx, self.policy, self.budget, self.kv_bits)
 
     def attach_attention(self, attention: OwnAttention) -> None:
         """Give every layer the decode-step attention that reads its records (done by ``make_cache``)."""

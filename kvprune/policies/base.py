@@ -24,6 +24,7 @@ OBSERVATIONS: tuple[str, ...] = ("none", "last_query", "window", "all_queries")
 #: a thousand are ties, so the last-bit noise of a batched vs. a single-row computation cannot flip a
 #: decision; ties then go by position (on a tie the newest candidate is evicted first, deterministically)
 RANK_BITS = 10
+_EXPONENT = 0x7F800000  # the float32 exponent bits: all set for an infinity or NaN
 
 
 def rank_grid(scores: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,8 @@ def rank_grid(scores: torch.Tensor) -> torch.Tensor:
     drop = 24 - RANK_BITS
     bits = x.view(torch.int32)
     rounded = ((bits + (1 << (drop - 1))) & ~((1 << drop) - 1)).view(torch.float32)
-    return torch.where(torch.isfinite(x), rounded, x)
+    finite = (bits & _EXPONENT) != _EXPONENT  # torch.isfinite, in two cheap integer ops
+    return torch.where(finite, rounded, x)
 
 
 def keep_top(score: torch.Tensor, present: torch.Tensor, forced: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -107,6 +109,9 @@ class Policy:
     #: scores depend on a head's index: ``initial_scores`` then takes ``head_offset``, the global index of the
     #: first head it is given (non-zero on a tensor-parallel rank, which holds a slice of the heads)
     keyed_by_head: ClassVar[bool] = False
+    #: ``update_scores`` replaces every score with the newest observation (nothing carries over), so a one-token
+    #: step that does not evict (``evict_every > 1``) need not observe at all
+    replaces_scores: ClassVar[bool] = False
     #: the policy never evicts (budget is ignored)
     evicts: ClassVar[bool] = True
     #: what ``budget`` means for this method (:data:`BUDGET_KINDS`); "none" for a policy that never evicts

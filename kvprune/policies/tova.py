@@ -20,6 +20,7 @@ class TOVA(Policy):
     name = "tova"
     observation = "last_query"
     shared_across_heads = True
+    replaces_scores = True
 
     def update_scores(self, scores: torch.Tensor, obs: torch.Tensor | None, n_new: int) -> torch.Tensor:
         assert obs is not None
