@@ -47,10 +47,11 @@ def timed(part: str, fn):
 
 
 def instrument() -> None:
-    for name in ("update", "observe_padding", "attention_allowed", "evict", "_adopt", "finish"):
-        part = {"update": "update", "observe_padding": "mask", "attention_allowed": "mask", "evict": "selection",
-                "_adopt": "gather", "finish": "scores"}[name]
-        setattr(PruningLayer, name, timed(part, getattr(PruningLayer, name)))
+    parts = {"update": "update", "observe_padding": "mask", "attention_allowed": "mask", "evict": "selection",
+             "_adopt": "gather", "drop_slots": "gather", "finish": "scores"}
+    for name, part in parts.items():
+        if hasattr(PruningLayer, name):  # drop_slots: decode evictions since this file's BENCHMARKS §9 "after"
+            setattr(PruningLayer, name, timed(part, getattr(PruningLayer, name)))
     for name in ("grouped_probs", "grouped_output", "sdpa_output"):
         setattr(attention, name, timed("attention", getattr(attention, name)))
     attention.estimate_observation = timed("scores", attention.estimate_observation)

@@ -269,22 +269,51 @@ def test_dense_causal_attention_equals_masked_sdpa():
                                sdpa_output(query, key, value, allowed, 0.3))
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_read_rows_equal_those_rows_of_masked_sdpa(masked):
+    """Computing only the rows whose output is read (one per row) gives those rows of a full masked call, from
+    positions alone (every slot visible) or from a given mask; the other rows are zero."""
+    from kvprune.caches.contract import OrderedQueries
+    from kvprune.integrations.attention import read_rows_output, sdpa_output
+
+    torch.manual_seed(2)
+    b, hq, hkv, d, n, q = 2, 4, 2, 8, 30, 12
+    kpos = torch.stack([torch.randperm(n), torch.randperm(n)])
+    qpos = torch.stack([torch.sort(torch.randperm(n)[:q]).values, torch.sort(torch.randperm(n)[:q]).values])
+    allowed = (kpos[:, None, None, :] <= qpos[:, None, :, None])
+    if masked:
+        allowed &= torch.rand(b, 1, 1, n) > 0.3
+        allowed |= kpos[:, None, None, :] == qpos[:, None, :, None]
+    query, key, value = torch.randn(b, hq, q, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
+    read = torch.tensor([[q - 1], [4]])
+    out = read_rows_output(query, key, value, allowed if masked else None, OrderedQueries(qpos, kpos, True, read), 0.3)
+    full = sdpa_output(query, key, value, allowed, 0.3)
+    for r in range(b):
+        i = int(read[r, 0])
+        torch.testing.assert_close(out[r, :, i], full[r, :, i])
+        assert not out[r, :, [j for j in range(q) if j != i]].any()
+
+
 def test_catch_up_through_dense_causal_attention_matches_one_masked_call(monkeypatch):
     """A decoding step that revives every deferred token (decode ratios 0) runs them through one causal kernel
-    call; tokens and logits equal the masked path's."""
+    call, and at the last layer (where their output goes nowhere) computes only the newest token's row; tokens
+    and logits equal the masked path's."""
     import kvprune.integrations.attention as attention
 
     model = _model()
     ids, mask = padded_batch([40])
     policy = LazyLLM(prune_layers=(0, 1), prune_ratios=(0.7, 0.5), decode_ratios=(0.0, 0.0))
     calls = []
-    monkeypatch.setattr(attention, "dense_causal_output", lambda *a, _f=attention.dense_causal_output, **k:
-                        calls.append(1) or _f(*a, **k))
+    for name in ("dense_causal_output", "read_rows_output"):
+        monkeypatch.setattr(attention, name, lambda *a, _f=getattr(attention, name), _n=name, **k:
+                            calls.append(_n) or _f(*a, **k))
     runs = []
     for threshold in (10**9, 1):
         monkeypatch.setattr(attention, "STAIRCASE_MIN_QUERIES", threshold)
         runs.append(_generate(model, ids, mask, make_lazy_cache(model, policy), 4))
-    assert calls, "the catch-up step took the dense path"
+    # the catch-up took the dense path at the middle layers; at the last, only the newest token's row is computed
+    # (layer 0 computed every token at the prompt; tokens pruned after it come back at every later layer)
+    assert calls == ["dense_causal_output"] * (model.config.num_hidden_layers - 2) + ["read_rows_output"]
     assert torch.equal(runs[0][0], runs[1][0])
     torch.testing.assert_close(runs[0][1], runs[1][1])
 

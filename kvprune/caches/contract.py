@@ -34,6 +34,9 @@ class OrderedQueries(NamedTuple):
     slot_positions: torch.Tensor  # [B, S]
     #: the slots hold every position 0..S-1 once, all real and visible: the mask is plain causal by position
     complete: bool = False
+    #: ``[B, r]`` the only queries whose output is read (the rest are computed for their keys and values alone,
+    #: e.g. tokens LazyLLM revives at the last layer); None: every query's
+    read: torch.Tensor | None = None
 
 
 @runtime_checkable
@@ -96,4 +99,7 @@ class StepContext:
     newest_only: bool = False  # each row's only query is the step's newest token (every key precedes it)
     padded: bool = True  # some query is padding
     all_selected: bool = False  # every real token is selected (no key is masked out by the selection)
+    #: only the query at this position is read after this layer (the last layer of a decoding step: revived
+    #: tokens need their keys and values there, not their output); None: every query's output is read
+    read_only: int | None = None
     importance: torch.Tensor | None = None  # out: [B, T] the newest token's head-averaged attention (LazyLLM)

@@ -103,11 +103,15 @@ class LazyLayer(StepwiseLayer):
 
     def ordered_queries(self) -> OrderedQueries:
         """Queries come in ascending position (left-padded with -1) against slots in computation order; complete
-        when every slot is real and selected and the slots hold each position up to the newest once."""
+        when every slot is real and selected and the slots hold each position up to the newest once; at the last
+        layer of a decoding step only the newest token's output is read."""
         step, n = self.step, self.positions.shape[1]
         complete = (step.all_selected and not step.padded and not self._holes
                     and bool((self.positions.amax(dim=-1) == n - 1).all()))
-        return OrderedQueries(step.query_positions, self.positions, complete)
+        read = None
+        if step.read_only is not None:  # that position's query in each row (a decoding step computes it everywhere)
+            read = (step.query_positions == step.read_only).to(torch.int8).argmax(dim=1, keepdim=True)
+        return OrderedQueries(step.query_positions, self.positions, complete, read)
 
     def finish(self, obs: torch.Tensor | None) -> None:
         """Hand the newest token's head-averaged attention per position (``[B, T]``) to the step's pruning rule."""

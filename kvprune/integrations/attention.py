@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..caches import ATTN_PREFIX
-from ..caches.contract import AttentionLayer, layer_of
+from ..caches.contract import AttentionLayer, OrderedQueries, layer_of
 from ..distributed import SINGLE, TensorParallel, check_shard, parallel_of
 from ..policies import Policy
 
@@ -132,6 +132,22 @@ def dense_causal_output(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     full = query.new_zeros((b, hq, key.shape[2], d)).scatter_(2, rows, query)
     out = causal_output(full, key, value, scaling, flash)
     return out.gather(2, query_pos[:, None, :, None].expand(-1, hq, -1, out.shape[-1]))
+
+
+def read_rows_output(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
+                     ordered: OrderedQueries, scaling: float) -> torch.Tensor:
+    """The output of only the queries ``ordered.read [B, r]`` (zeros elsewhere: nobody reads those rows)."""
+    b, hq, q, d = query.shape
+    idx = ordered.read
+    rows = query.gather(2, idx[:, None, :, None].expand(-1, hq, -1, d))
+    if allowed is None:  # every slot real and selected: a row sees the slots at or before its position
+        qpos = ordered.query_positions.gather(1, idx)
+        allowed = (ordered.slot_positions[:, None, None, :] <= qpos[:, None, :, None])
+    else:
+        allowed = allowed.gather(2, idx[:, None, :, None].expand(-1, allowed.shape[1], -1, allowed.shape[-1]))
+    part = sdpa_output(rows, key, value, allowed, scaling)
+    out = query.new_zeros((b, hq, q, value.shape[-1]))
+    return out.scatter_(2, idx[:, None, :, None].expand(-1, hq, -1, value.shape[-1]), part)
 
 
 def causal_output(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, flash: bool) -> torch.Tensor:
@@ -322,9 +338,12 @@ def kvprune_attention(
         # queries in position order against unordered slots (LazyLLM's revived tokens): when the slots hold every
         # position once, all real and selected, the mask is plain causal by position (dense_causal_output)
         ordered = layer.ordered_queries() if layer is not None and not causal and q >= STAIRCASE_MIN_QUERIES else None
-        dense = ordered is not None and ordered.complete and policy is None and sliding_window is None and 2 * q >= s
-        allowed = None if causal or dense else _allowed(layer, attention_mask, new_valid, b, q, s, query.device,
-                                                         sliding_window)
+        dense = (ordered is not None and ordered.complete and ordered.read is None and policy is None
+                 and sliding_window is None and 2 * q >= s)
+        # only some rows read (LazyLLM's last layer): with every slot visible their mask comes from positions
+        reads = ordered is not None and ordered.read is not None and policy is None
+        plain = causal or dense or (reads and ordered.complete and sliding_window is None)
+        allowed = None if plain else _allowed(layer, attention_mask, new_valid, b, q, s, query.device, sliding_window)
         # on CPU an observation over every query computes the probabilities anyway: take the output from
         # them too (one pass) instead of running the kernel as well
         # (unless most rows carry no weight, like A2SF's oldest queries: then the kernel plus the few rows)
@@ -337,7 +356,9 @@ def kvprune_attention(
             obs, out = estimate_observation(policy, query, key, allowed, qv, scaling, causal=causal,
                                             value=value if one_pass else None, parallel=parallel_of(layer))
         if not one_pass:
-            if causal:
+            if reads:
+                out = read_rows_output(query, key, value, allowed, ordered, scaling)
+            elif causal:
                 out = causal_output(query, key, value, scaling, flash=backend == "flash_attention_2")
             elif dense:
                 out = dense_causal_output(query, key, value, ordered.query_positions, ordered.slot_positions, scaling,

@@ -55,8 +55,11 @@ class _LazyStep:
     def context(self, idx: int, query_positions: torch.Tensor, query_valid: torch.Tensor, padded: bool) -> StepContext:
         # the newest token alone (a decoding step, nothing revived here): all keys are at or before it
         newest_only = self.decoding and query_positions.shape[1] == 1 and not padded
+        # the last layer of a decoding step: tokens revived there are computed for their keys and values only
+        read_only = self.cache.n_seen - 1 if self.decoding and idx == self.n_layers - 1 and not newest_only else None
         return StepContext(query_positions, query_valid, selected=self.selected, observe=idx in self.schedule,
-                           newest_only=newest_only, padded=padded, all_selected=self.all_selected)
+                           newest_only=newest_only, padded=padded, all_selected=self.all_selected,
+                           read_only=read_only)
 
     def after(self, idx: int, step: StepContext, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         if self.uniform:  # the same tokens at every layer: count them once, after the last

@@ -45,4 +45,4 @@ class A2SF(Policy):
 
     def update_scores(self, scores: torch.Tensor, obs: torch.Tensor | None, n_new: int) -> torch.Tensor:
         assert obs is not None
-        return scores.mul_(self.alpha**n_new).add_(obs)
+        return torch.add(obs, scores, alpha=self.alpha**n_new, out=scores)  # in place, one op: α^n·A + S
