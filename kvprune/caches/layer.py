@@ -343,13 +343,20 @@ class PruningLayer(KVLayer):
             self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
 
     def _evict_one_over(self) -> bool:
-        """The common decode step under a token budget: every slot real, each (row, KV head) exactly one over. The
+        """The common decode step under a budget: every slot real, each (row, KV head) exactly one over. The
         victim (:func:`~kvprune.caches.decode.one_over_victims`, what the general path decides) is chosen with the
         other layers' once they have attended (``deferred``), or now. False: the general path must run."""
         budget = self.budget
-        if budget is None or budget.tokens is None or not self.all_valid or not self.policy.evicts:
+        if budget is None or not self.all_valid or not self.policy.evicts:
             return False
-        cap, s = max(budget.tokens, self.policy.min_budget()), self.keys.shape[-2]
+        if budget.tokens is not None:
+            cap = max(budget.tokens, self.policy.min_budget())
+        else:  # a ratio of the tokens seen: the fast path when every row may hold the same count now
+            caps = self.capacity()
+            cap = int(caps.min())
+            if cap != int(caps.max()):
+                return False
+        s = self.keys.shape[-2]
         if s <= cap:
             return True  # every slot real and within the budget: nothing to evict
         if s != cap + 1:
