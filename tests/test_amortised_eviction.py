@@ -140,14 +140,15 @@ def _chunked(model, cache, ids, mask, steps):
 
 @pytest.mark.parametrize("method,params", [("h2o", {}), ("tova", {"recent": 3}), ("streaming", {"n_sink": 2}),
                                            ("keydiff", {"n_sink": 1}), ("a2sf", {"n_sink": 2})])
-@pytest.mark.parametrize("lengths", [[30], [30, 21]])
+@pytest.mark.parametrize("lengths", [[30], [30, 21], [30, 5]])
 @pytest.mark.parametrize("budget", [12, 0.4])
 def test_decode_evictions_of_all_layers_at_once_decide_as_each_layer_alone(method, params, lengths, budget):
     """Decode evictions are chosen for every layer together once the last layer has attended, and the newest slot
     moves into the victim's place (slots leave position order). Each layer evicting alone at once, and the general
     sort-and-gather path (which puts slots back in position order, here for a multi-token chunk between decode
     steps), keep the same tokens and give the same logits; after every forward each layer holds its budget
-    (a token count, or a ratio of the tokens seen: one over at every other step)."""
+    (a token count, or a ratio of the tokens seen: one over at every other step). A row shorter than the budget
+    (``[30, 5]``) keeps padding slots for a while: they go first, and count as no eviction."""
     from kvprune.caches.layer import PruningLayer
 
     model = tiny_model()
@@ -167,6 +168,7 @@ def test_decode_evictions_of_all_layers_at_once_decide_as_each_layer_alone(metho
             PruningLayer._evict_one_over = original
         for layer in cache.layers:
             assert bool((layer.kept() <= layer.capacity()[:, None]).all()) and not layer.eviction_due
+            assert layer.evicted() == int((layer.n_valid[:, None] - layer.kept()).sum())  # real tokens only
         if mode == "together" and (isinstance(budget, int) or len(lengths) == 1):  # rows of one capacity
             assert not all(layer.in_position_order for layer in cache.layers), "decode evictions moved slots"
         runs.append(steps)

@@ -16,26 +16,47 @@ import torch
 from ..policies.base import rank_grid
 
 
-def one_over_victims(eff: torch.Tensor, ranks: torch.Tensor, first_recent: torch.Tensor, n_sink: int) -> torch.Tensor:
+def one_over_victims(eff: torch.Tensor, ranks: torch.Tensor, first_recent: torch.Tensor, n_sink: int,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """The slot each (…, row, head) drops, ``[..., B, H, 1]``, from scores ``eff [..., B, H, S]`` (higher is kept).
 
     Protected: the sinks (``ranks < n_sink``) and the recent window (``ranks >= first_recent [..., B, 1, 1]``).
-    Among the rest the lowest score on :func:`~kvprune.policies.base.rank_grid` goes, the newest (highest rank)
-    among equals: exactly what the stable sort of the general eviction keeps and drops.
+    A padding slot (``valid`` False) goes first; among the rest the lowest score on
+    :func:`~kvprune.policies.base.rank_grid` goes, the newest (highest rank) among equals: exactly what the
+    stable sort of the general eviction keeps and drops (which padding slot goes does not matter).
     """
     eff = rank_grid(eff)  # a new tensor: filled in place
     eff.masked_fill_((ranks < n_sink) | (ranks >= first_recent), float("inf"))
+    if valid is not None:
+        eff.masked_fill_(~valid, float("-inf"))
     low = eff.amin(dim=-1, keepdim=True)
-    return torch.where(eff == low, ranks, -1).argmax(dim=-1, keepdim=True)
+    return torch.where(eff == low, ranks, -2).argmax(dim=-1, keepdim=True)  # -2: below a padding slot's rank -1
 
 
 class OneOver(Protocol):
-    """What a layer gives :class:`DeferredEvictions`: its rank of every slot, its token counts, and the drop."""
+    """A layer :func:`evict_one_over` serves: its ranks, validity and token counts, and the drop itself."""
 
     ranks: torch.Tensor
+    valid: torch.Tensor
     n_valid: torch.Tensor
+    all_valid: bool
 
-    def drop_slots(self, victim: torch.Tensor) -> None: ...
+    def drop_slots(self, victim: torch.Tensor, evicted: int | None = None) -> None: ...
+
+
+def evict_one_over(members: list[tuple[OneOver, torch.Tensor]], recent: int, n_sink: int) -> None:
+    """Evict one slot of each (row, head) of every layer in ``members`` (layer, its eviction scores; layers of one
+    shape), protecting ``n_sink`` sinks and the ``recent`` newest tokens, with one set of ops for all of them."""
+    layers = [layer for layer, _ in members]
+    padded = not all(layer.all_valid for layer in layers)
+    ranks = torch.stack([layer.ranks for layer in layers])
+    first_recent = (torch.stack([layer.n_valid for layer in layers]) - recent)[..., None, None]
+    valid = torch.stack([layer.valid for layer in layers]) if padded else None
+    victims = one_over_victims(torch.stack([e for _, e in members]), ranks, first_recent, n_sink, valid)
+    # a padding victim is no eviction: count the real ones (one sync for every layer)
+    evicted = valid.gather(-1, victims).flatten(1).sum(1).tolist() if padded else [None] * len(layers)
+    for layer, victim, n in zip(layers, victims.unbind(0), evicted):
+        layer.drop_slots(victim, n)
 
 
 class DeferredEvictions:
@@ -65,13 +86,4 @@ class DeferredEvictions:
         for layer, eff, recent, n_sink in due:
             groups.setdefault((tuple(eff.shape), eff.device, recent, n_sink), []).append((layer, eff))
         for (_, _, recent, n_sink), members in groups.items():
-            layers = [layer for layer, _ in members]
-            if len(members) == 1:
-                eff, ranks, n_valid = members[0][1], layers[0].ranks, layers[0].n_valid
-            else:
-                eff = torch.stack([e for _, e in members])
-                ranks = torch.stack([layer.ranks for layer in layers])
-                n_valid = torch.stack([layer.n_valid for layer in layers])
-            victims = one_over_victims(eff, ranks, (n_valid - recent)[..., None, None], n_sink)
-            for layer, victim in zip(layers, victims.unbind(0) if len(members) > 1 else (victims,)):
-                layer.drop_slots(victim)
+            evict_one_over(members, recent, n_sink)

@@ -17,7 +17,7 @@ from ..policies.base import rank_grid
 from .base import KVLayer, check_layout, grown, room
 from .budget import Budget
 from .contract import bind
-from .decode import DeferredEvictions, one_over_victims
+from .decode import DeferredEvictions, evict_one_over
 
 INDEX_DTYPE = torch.int32
 #: what a free slot holds for (keys, values, positions, ranks, valid, scores); None: written by the append
@@ -343,11 +343,12 @@ class PruningLayer(KVLayer):
             self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
 
     def _evict_one_over(self) -> bool:
-        """The common decode step under a budget: every slot real, each (row, KV head) exactly one over. The
-        victim (:func:`~kvprune.caches.decode.one_over_victims`, what the general path decides) is chosen with the
-        other layers' once they have attended (``deferred``), or now. False: the general path must run."""
+        """The common decode step: every row has the same budget and each (row, KV head) holds exactly one slot
+        over it (padding slots count, and go first). The victim (:func:`~kvprune.caches.decode.one_over_victims`,
+        what the general path decides) is chosen with the other layers' once they have attended (``deferred``),
+        or now. False: the general path must run."""
         budget = self.budget
-        if budget is None or not self.all_valid or not self.policy.evicts:
+        if budget is None or not self.policy.evicts:
             return False
         if budget.tokens is not None:
             cap = max(budget.tokens, self.policy.min_budget())
@@ -358,7 +359,7 @@ class PruningLayer(KVLayer):
                 return False
         s = self.keys.shape[-2]
         if s <= cap:
-            return True  # every slot real and within the budget: nothing to evict
+            return True  # no row holds more than its budget: nothing to evict
         if s != cap + 1:
             return False
         eff = self.scores
@@ -369,12 +370,13 @@ class PruningLayer(KVLayer):
             self.eviction_due = True
             self.deferred.defer(self, eff, recent, self.policy.n_sink)
         else:
-            self.drop_slots(one_over_victims(eff, self.ranks, (self.n_valid - recent)[:, None, None], self.policy.n_sink))
+            evict_one_over([(self, eff)], recent, self.policy.n_sink)
         return True
 
-    def drop_slots(self, victim: torch.Tensor) -> None:
+    def drop_slots(self, victim: torch.Tensor, evicted: int | None = None) -> None:
         """Drop slot ``victim [B, H, 1]`` of each (row, KV head), which holds one slot over: the newest slot moves
-        into its place (a copy of one slot, not of the cache) and the last slot becomes the free one again."""
+        into its place (a copy of one slot, not of the cache) and the last slot becomes the free one again.
+        ``evicted``: how many victims were real tokens (None: all; a padding victim is no eviction)."""
         b, h, _ = victim.shape
         last, size = self.keys.shape[-2] - 1, self._bufs[0].shape[2]
         if self._row_starts is None or self._row_starts.numel() != b * h or self._row_size != size:
@@ -382,14 +384,18 @@ class PruningLayer(KVLayer):
             self._row_size = size
         dst, src = victim.view(-1) + self._row_starts, self._row_starts + last
         for t in self._bufs:
-            if t is not self._bufs[4]:  # every slot involved is valid: validity needs no copy
+            if t is not self._bufs[4] or not self.all_valid:  # every slot valid: validity needs no copy
                 flat = t.view(b * h * size, -1) if t.dim() == 4 else t.view(-1)
                 flat.index_copy_(0, dst, flat.index_select(0, src))
         self._bufs[3].view(-1).index_fill_(0, src, _FREE_SLOT[3])
         self._bufs[5].view(-1).index_fill_(0, src, _FREE_SLOT[5])
+        if not self.all_valid:  # the free slot is valid until a padding token is written there
+            self._bufs[4].view(-1).index_fill_(0, src, _FREE_SLOT[4])
         self._use_slots(last)
         self.in_position_order = self.eviction_due = False
-        self.evictions += victim.numel()
+        self.evictions += victim.numel() if evicted is None else evicted
+        if not self.all_valid:
+            self.all_valid = bool(self.valid.all())
         if self.heads_aligned and h > 1 and not self.policy.shared_across_heads:  # shared: every head drops alike
             self.heads_aligned = bool((victim == victim[:, :1]).all())
 
