@@ -14,13 +14,11 @@ import platform
 from collections import defaultdict
 
 import decode_step_cost
-import torch
 from decode_step_cost import parse_args, policy_makers, setup
 
 
 from kvprune.caches.layer import PruningLayer
 from kvprune.integrations import attention
-from kvprune.integrations.compat import with_cache
 
 PARTS = ("update", "mask", "attention", "scores", "selection", "gather")
 spent: dict[str, float] = defaultdict(float)
@@ -57,27 +55,20 @@ def instrument() -> None:
     attention.estimate_observation = timed("scores", attention.estimate_observation)
 
 
-def run(model, ids, make, steps: int) -> tuple[float, dict[str, float]]:
-    cache = make()
-    with torch.no_grad():
-        nxt = model(input_ids=ids, **with_cache(cache), logits_to_keep=1).logits[:, -1:].argmax(-1)
-        spent.clear()
-        t = decode_step_cost.CLOCK()
-        for _ in range(steps):
-            nxt = model(input_ids=nxt, **with_cache(cache)).logits[:, -1:].argmax(-1)
-        total = decode_step_cost.CLOCK() - t
+def run(model, batch: dict, make, steps: int) -> tuple[float, dict[str, float]]:
+    total = decode_step_cost.decode_seconds(model, batch, make(), steps, before=spent.clear)
     return total / steps * 1e3, {p: spent[p] / steps * 1e3 for p in PARTS}
 
 
 def main() -> None:
     args = parse_args(__doc__, 3, "h2o,a2sf,tova,streaming", "1,32", "evict_every values")
-    model, ids = setup(args)
+    model, batch = setup(args)
     instrument()
     makers = policy_makers(model, args, [int(x) for x in args.every.split(",")])
     best: dict[str, tuple[float, dict[str, float]]] = {}
     for _ in range(args.rounds):
         for name, make in makers.items():
-            r = run(model, ids, make, args.steps)
+            r = run(model, batch, make, args.steps)
             if name not in best or r[0] < best[name][0]:
                 best[name] = r
     print(f"{args.model}, {platform.machine()}, 1 thread, {args.clock} clock, context {args.context}, budget {args.budget}, "
