@@ -318,18 +318,10 @@ class PruningLayer(KVLayer):
         if type(self.policy).eviction_scores is not Policy.eviction_scores:
             eff = self.policy.eviction_scores(eff, self.policy_keys(), self.ranks, self.valid, self.n_valid)
         eff = rank_grid(eff).masked_fill(self.protected(caps), float("inf")).masked_fill(~self.valid, float("-inf"))
-        s = self.keys.shape[-2]
-        if s == cap + 1 and bool((caps == cap).all()):
-            # one slot over everywhere (a decode step): drop the lowest score, the newest among equals,
-            # which is exactly what the stable sort below would drop
-            victim = (s - 1) - eff.flip(-1).argmin(dim=-1, keepdim=True)
-            keep = torch.arange(cap, device=self.device).expand(*eff.shape[:2], cap)
-            keep = keep + (keep >= victim).to(keep.dtype)
-            perm = torch.zeros_like(keep)  # every kept slot is within its row's budget
-        else:
-            # stable sort: among equal scores the older token (earlier slot) wins, deterministically
-            order = eff.sort(dim=-1, descending=True, stable=True).indices[..., :cap]
-            keep, perm = order.sort(dim=-1)
+        # stable sort: among equal scores the older token (earlier slot) wins, deterministically (a decode step one
+        # over every row's budget takes _evict_one_over instead, which decides the same)
+        order = eff.sort(dim=-1, descending=True, stable=True).indices[..., :cap]
+        keep, perm = order.sort(dim=-1)
         before = int(self.valid.sum())
         # the kept slots are copied once, into buffers with one free slot at the end where the next decode
         # step writes its token (one copy of the cache per step instead of two: append + compact)
