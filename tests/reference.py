@@ -139,6 +139,8 @@ class Reference:
             half = pol.kernel_size // 2
             pool = max if pol.pooling == "max" else (lambda xs: sum(xs) / pol.kernel_size)  # zero padding at the edges
             return {k: pool([sc[x] for x in slots[max(0, j - half) : j + half + 1]]) for j, k in enumerate(slots)}
+        if isinstance(pol, StreamingLLM):  # the oldest non-sink token goes first
+            return {p: float(ranks[p]) for p in kept}
         if isinstance(pol, ObservedAttention):  # mean attention: the sum over the n - rank queries that saw it
             return {p: sc[p] / (n_valid - ranks[p]) for p in kept}
         if isinstance(pol, KeyDiff):  # -cos(k, mean of the kept unit keys)
@@ -154,8 +156,6 @@ class Reference:
         pol = self.policy
         if isinstance(pol, KNorm):
             return -float(self.keys[i][r, h, p].norm())
-        if isinstance(pol, StreamingLLM):
-            return float(rank)
         if isinstance(pol, RandomPolicy):
             return float(hash_uniform(pol.seed, i, torch.tensor(h), torch.tensor(rank)))
         return 0.0

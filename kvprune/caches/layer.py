@@ -60,9 +60,31 @@ class PruningLayer(KVLayer):
     own_attention = None
 
     positions = _held_view(0)
-    ranks = _held_view(1)
+    _ranks = _held_view(1)
     valid = _held_view(2)
     scores = _held_view(3)
+
+    @property
+    def ranks(self) -> torch.Tensor | None:
+        """Each slot's index among its row's real tokens seen: the position itself until a padding token is seen
+        (then a tensor of its own), so unpadded steps neither write nor move ranks."""
+        return self.positions if self.ranks_are_positions else self._ranks
+
+    @ranks.setter
+    def ranks(self, value: torch.Tensor | None) -> None:
+        self._ranks = value
+
+    @property
+    def heads_aligned(self) -> bool:
+        """Whether every KV head of a row holds the same positions in the same slots (one mask serves them all);
+        checked when first asked after a decode eviction that may have split them."""
+        if self._aligned is None:
+            self._aligned = bool((self.positions == self.positions[:, :1]).all())
+        return self._aligned
+
+    @heads_aligned.setter
+    def heads_aligned(self, value: bool | None) -> None:
+        self._aligned = value
 
     def __init__(self, layer_idx: int, policy: Policy, budget: Budget | None) -> None:
         super().__init__()
@@ -86,7 +108,7 @@ class PruningLayer(KVLayer):
         self.valid = torch.empty((b, h, 0), dtype=torch.bool, device=self.device)
         self.scores = torch.empty((b, h, 0), dtype=torch.float32, device=self.device)
         self.n_valid = torch.zeros(b, dtype=torch.int64, device=self.device)
-        self._bufs = None
+        self._bufs = self._flat = None
         self.is_initialized = True
 
     def update(
@@ -155,6 +177,7 @@ class PruningLayer(KVLayer):
         n = self.keys.shape[-2]
         held = (self.keys, self.values, self.positions, self.ranks, self.valid, self.scores)
         self._bufs = tuple(grown(t, n, slots, 2, default) for t, default in zip(held, _FREE_SLOT))
+        self._flat = None
         self._use_slots(n)
 
     def _adopt(self, keep: torch.Tensor) -> None:
@@ -167,6 +190,7 @@ class PruningLayer(KVLayer):
             if default is not None:
                 t[:, :, c:] = default
         self._bufs = (*kv, *meta)
+        self._flat = None
         self._use_slots(c)
 
     def _kv_storage(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,17 +214,18 @@ class PruningLayer(KVLayer):
         self.keys = self.values = None
         self.positions = self.ranks = self.valid = self.scores = None
         self.n_valid: torch.Tensor | None = None
+        self.ranks_are_positions = True  # no padding token seen yet: a token's rank is its position
         self.n_seen = 0
         self.pending = 0
         self.evictions = 0
-        self.heads_aligned = True
+        self.heads_aligned = True  # None: not known (checked from positions when asked)
         self.all_valid = True  # no slot is padding (lets decode steps skip the mask)
         self.in_position_order = True  # False after a decode eviction moved the newest slot into the victim's
         if self.deferred is not None:
             self.deferred.discard(self)
         self.eviction_due = False  # handed to ``deferred``, not yet dropped
-        self._row_starts: torch.Tensor | None = None  # drop_slots' flat index of each (row, head)'s first slot
-        self._row_size = 0
+        #: drop_slots' (held slots - 1, flat views of the buffers, each (row, head)'s first flat slot, its last)
+        self._flat: tuple | None = None
         self.sealed = False  # prefill_only and past the first forward: no scores, no eviction
         self.resting = False  # this step neither evicts nor keeps what it would observe (see ``frozen``)
         self.is_initialized = False
@@ -211,36 +236,50 @@ class PruningLayer(KVLayer):
         index = index.to(self.device)
         for name in ("keys", "values", "positions", "ranks", "valid", "scores", "n_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index))
-        self._bufs = None  # the next token reserves new buffers
+        self._bufs = self._flat = None  # the next token reserves new buffers
         self.all_valid = bool(self.valid.all())
-        self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
+        self.heads_aligned = None  # checked when asked
 
     # -- the kvprune side: called by the attention function ------------------------------------
     def observe_padding(self, new_valid: torch.Tensor | None) -> None:
         """Record which new tokens are real (``[B, q]`` bool, None = all) and give them initial scores."""
         q = self.pending
         b, h = self.keys.shape[:2]
-        if q == 1 and (new_valid is None or bool(new_valid.all())):  # the common decode step: no padding
-            self.ranks[:, :, -1] = self.n_valid[:, None]
-            self.n_valid = self.n_valid + 1
-            ranks = None
-        elif new_valid is None:
-            ranks = (self.n_valid[:, None] + torch.arange(q, device=self.device)).to(INDEX_DTYPE)
+        if new_valid is None or bool(new_valid.all()):  # no padding among the new tokens (the common decode step)
+            if self.ranks_are_positions:
+                pass
+            elif q == 1:
+                self.ranks[:, :, -1] = self.n_valid[:, None]
+            else:
+                ranks = self.n_valid[:, None] + torch.arange(q, device=self.device)
+                self.ranks[..., -q:] = ranks.to(INDEX_DTYPE)[:, None, :]
             self.n_valid = self.n_valid + q
         else:
+            if self.ranks_are_positions:
+                self._split_ranks()
             new_valid = new_valid.to(self.device, torch.bool)
             ranks = self.n_valid[:, None] + new_valid.long().cumsum(-1) - 1
-            ranks = torch.where(new_valid, ranks, -1).to(INDEX_DTYPE)
+            self.ranks[..., -q:] = torch.where(new_valid, ranks, -1).to(INDEX_DTYPE)[:, None, :]
             self.n_valid = self.n_valid + new_valid.sum(-1)
             self.valid[..., -q:] = new_valid[:, None, :]
-            self.all_valid = self.all_valid and bool(new_valid.all())
-        if ranks is not None:
-            self.ranks[..., -q:] = ranks[:, None, :]
-        if type(self.policy).initial_scores is not Policy.initial_scores:  # the default is the zeros update() wrote
+            self.all_valid = False
+        # the default is the zeros update() wrote; a sealed layer (prefill_only) never ranks what it appends
+        if type(self.policy).initial_scores is not Policy.initial_scores and not self.sealed:
             keyed = getattr(self.policy, "keyed_by_head", False)  # e.g. random: hashed by the global head index
             extra = {"head_offset": parallel_of(self).head_offset(h)} if keyed else {}
             init = self.policy.initial_scores(self.policy_keys(q), self.ranks[..., -q:].long(), self.layer_idx, **extra)
             self.scores[..., -q:] = init.to(torch.float32).expand(b, h, q)
+
+    def _split_ranks(self) -> None:
+        """A padding token is about to be seen: ranks get a tensor of their own (the positions so far, -1 free)."""
+        self.ranks_are_positions = False
+        if self._bufs is None:
+            self._ranks = self.positions.clone()
+            return
+        held, buf = self._held, self._bufs[3]
+        buf[:, :, :held].copy_(self._bufs[2][:, :, :held])
+        buf[:, :, held:] = _FREE_SLOT[3]
+        self._meta[1] = None
 
     def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor | None:
         """Which slots each new query may attend: ``[B, H or 1, q, S]`` bool, from positions and validity.
@@ -331,8 +370,8 @@ class PruningLayer(KVLayer):
         after = int(self.valid.sum())
         self.evictions += before - after
         self.all_valid = after == self.valid.numel()
-        if self.heads_aligned:  # once heads diverge they are treated as unaligned (a per-head mask)
-            self.heads_aligned = bool((self.positions == self.positions[:, :1]).all())
+        if self._aligned:  # once heads diverge they are treated as unaligned (a per-head mask)
+            self.heads_aligned = None  # checked when asked
 
     def _evict_one_over(self) -> bool:
         """The common decode step: every row has the same budget and each (row, KV head) holds exactly one slot
@@ -369,27 +408,32 @@ class PruningLayer(KVLayer):
         """Drop slot ``victim [B, H, 1]`` of each (row, KV head), which holds one slot over: the newest slot moves
         into its place (a copy of one slot, not of the cache) and the last slot becomes the free one again.
         ``evicted``: how many victims were real tokens (None: all; a padding victim is no eviction)."""
-        b, h, _ = victim.shape
-        last, size = self.keys.shape[-2] - 1, self._bufs[0].shape[2]
-        if self._row_starts is None or self._row_starts.numel() != b * h or self._row_size != size:
-            self._row_starts = torch.arange(b * h, device=self.device) * size  # each (row, head)'s first slot, flat
-            self._row_size = size
-        dst, src = victim.view(-1) + self._row_starts, self._row_starts + last
-        for t in self._bufs:
-            if t is not self._bufs[4] or not self.all_valid:  # every slot valid: validity needs no copy
-                flat = t.view(b * h * size, -1) if t.dim() == 4 else t.view(-1)
-                flat.index_copy_(0, dst, flat.index_select(0, src))
-        self._bufs[3].view(-1).index_fill_(0, src, _FREE_SLOT[3])
-        self._bufs[5].view(-1).index_fill_(0, src, _FREE_SLOT[5])
+        h = victim.shape[1]
+        last = self.keys.shape[-2] - 1
+        if self._flat is None or self._flat[0] != last:  # flat views of the buffers, made once per buffers and size
+            b, _, size = self._bufs[0].shape[:3]
+            starts = torch.arange(b * h, device=self.device) * size  # each (row, head)'s first slot, flat
+            flat = tuple(t.view(b * h * size, -1) if t.dim() == 4 else t.view(-1) for t in self._bufs)
+            self._flat = (last, flat, starts, starts + last)
+        _, (keys, values, positions, ranks, valid, scores), starts, src = self._flat
+        dst = victim.view(-1) + starts
+        # ranks move only once they differ from positions; validity only when some slot is padding
+        moved = (keys, values, positions, scores) + (() if self.ranks_are_positions else (ranks,)) + (
+            () if self.all_valid else (valid,))
+        for t in moved:
+            t.index_copy_(0, dst, t.index_select(0, src))
+        scores.index_fill_(0, src, _FREE_SLOT[5])
+        if not self.ranks_are_positions:
+            ranks.index_fill_(0, src, _FREE_SLOT[3])
         if not self.all_valid:  # the free slot is valid until a padding token is written there
-            self._bufs[4].view(-1).index_fill_(0, src, _FREE_SLOT[4])
+            valid.index_fill_(0, src, _FREE_SLOT[4])
         self._use_slots(last)
         self.in_position_order = self.eviction_due = False
         self.evictions += victim.numel() if evicted is None else evicted
         if not self.all_valid:
             self.all_valid = bool(self.valid.all())
-        if self.heads_aligned and h > 1 and not self.policy.shared_across_heads:  # shared: every head drops alike
-            self.heads_aligned = bool((victim == victim[:, :1]).all())
+        if self._aligned and h > 1 and not self.policy.shared_across_heads:  # shared: every head drops alike
+            self.heads_aligned = None  # checked when asked
 
     def policy_keys(self, new: int = 0) -> torch.Tensor:
         """The keys a policy reads, ``[B, H, S, D]`` float: the ``new`` newest slots, or every held slot with 0

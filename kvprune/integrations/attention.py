@@ -46,10 +46,14 @@ def grouped_probs(
     b, hq, q, d = query.shape
     hkv = key.shape[1]
     g = hq // hkv
-    # the G query heads of a group are stacked as extra rows: one plain batched matmul, no broadcast copy of K;
-    # the scale goes on the (small) queries, and the mask is applied in place on the fresh logits
-    logits = torch.matmul((query * scaling).reshape(b, hkv, g * q, d), key.transpose(-1, -2)).view(b, hkv, g, q, -1)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    # the G query heads of a group are stacked as extra rows of one bmm over (row, KV head), no broadcast copy of
+    # K (a slice of a cache buffer keeps row and head mergeable: flatten is a view); the scale goes on the (small)
+    # queries, and the mask is applied in place on the fresh logits. bmm, not matmul: a decode step is mostly
+    # per-op overhead, and matmul's 4-D path dispatches several views around the same bmm
+    logits = torch.bmm((query * scaling).reshape(b * hkv, g * q, d), key.flatten(0, 1).transpose(1, 2))
+    logits = logits.view(b, hkv, g, q, -1)
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
     if allowed is not None:  # None: every slot is visible (a decode step over valid slots)
         logits.masked_fill_(~allowed.unsqueeze(2), float("-inf"))
     elif causal_from is not None and q > 1:
@@ -61,7 +65,8 @@ def grouped_probs(
 def grouped_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``probs @ value`` per KV group, returned as ``[B, Hq, q, Dv]``."""
     b, hkv, g, q, s = probs.shape
-    out = torch.matmul(probs.to(value.dtype).reshape(b, hkv, g * q, s), value)
+    probs = probs if probs.dtype == value.dtype else probs.to(value.dtype)
+    out = torch.bmm(probs.reshape(b * hkv, g * q, s), value.flatten(0, 1))
     return out.view(b, hkv * g, q, -1)
 
 

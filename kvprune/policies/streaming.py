@@ -21,5 +21,8 @@ class StreamingLLM(Policy):
 
     name = "streaming"
 
-    def initial_scores(self, keys: torch.Tensor, ranks: torch.Tensor, layer_idx: int) -> torch.Tensor:
+    def eviction_scores(
+        self, scores: torch.Tensor, keys: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor
+    ) -> torch.Tensor:
+        # read from the ranks when evicting, not stored per slot: nothing to write or move at each step
         return ranks.to(torch.float32)
