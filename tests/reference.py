@@ -121,7 +121,10 @@ class Reference:
                 self._score(sc, kept, rows, q, w, r, i)
                 cap = self.budget
                 if len(kept) > cap:
-                    recent = max(int(pol.recent_tokens(torch.tensor([cap]))[0]), 1)
+                    if isinstance(pol, StreamingLLM):  # the sinks and the newest cap - n_sink tokens, nothing scored
+                        recent = cap - pol.n_sink
+                    else:
+                        recent = max(int(pol.recent_tokens(torch.tensor([cap]))[0]), 1)
                     prot = {p for p in kept if ranks[p] < pol.n_sink or ranks[p] >= n_valid - recent}
                     rank_by = self._eviction_rule(i, r, h, kept, sc, ranks, n_valid)
                     # scores agreeing to 10 significant bits are ties; ties: older token first
@@ -139,8 +142,6 @@ class Reference:
             half = pol.kernel_size // 2
             pool = max if pol.pooling == "max" else (lambda xs: sum(xs) / pol.kernel_size)  # zero padding at the edges
             return {k: pool([sc[x] for x in slots[max(0, j - half) : j + half + 1]]) for j, k in enumerate(slots)}
-        if isinstance(pol, StreamingLLM):  # the oldest non-sink token goes first
-            return {p: float(ranks[p]) for p in kept}
         if isinstance(pol, ObservedAttention):  # mean attention: the sum over the n - rank queries that saw it
             return {p: sc[p] / (n_valid - ranks[p]) for p in kept}
         if isinstance(pol, KeyDiff):  # -cos(k, mean of the kept unit keys)

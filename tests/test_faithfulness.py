@@ -74,3 +74,29 @@ def test_a2sf_alpha_one_is_h2o():
         for la, lb in zip(ca.layers, cb.layers):
             assert torch.equal(la.positions, lb.positions)
             assert torch.equal(la.valid, lb.valid)
+
+
+@pytest.mark.parametrize("evict_every", [1, 3])
+def test_streaming_keeps_the_newest_window_at_any_length(evict_every):
+    """StreamingLLM holds its sinks and exactly the newest ``budget - n_sink`` tokens however long the stream:
+    past ~2K tokens ages tie on the 10-bit ranking grid, so the window must not be decided by an age score."""
+    model = tiny_model(max_position_embeddings=8192)
+    budget, n_sink, n = 12, 4, 5000
+    cache = kvprune.make_cache(model, "streaming", budget, n_sink=n_sink, evict_every=evict_every)
+    ids = torch.randint(0, model.config.vocab_size, (2, n), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        nxt = model(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        for step in range(7):
+            seen = n + step
+            if step == 0 or seen % evict_every == 0:  # the prompt and every k-th token evict to exactly the budget
+                want = set(range(n_sink)) | set(range(seen - (budget - n_sink), seen))
+                for layer in cache.layers:
+                    for r in range(2):
+                        for h in range(layer.keys.shape[1]):
+                            assert kept_positions(layer, r, h) == want, (step, r, h)
+            nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+
+
+def test_streaming_refuses_recent():
+    with pytest.raises(kvprune.InvalidParameterError, match="recent"):
+        kvprune.build_policy("streaming", recent=8)

@@ -14,6 +14,7 @@ from .base import KVCache
 from .budget import Budget
 from .decode import DeferredEvictions
 from .layer import PruningLayer
+from .stacked import StackedSlots
 
 #: attention implementations whose names start with this route through kvprune
 ATTN_PREFIX = "kvprune_"
@@ -70,10 +71,12 @@ class PruningCache(KVCache):
         self.evict_every = evict_every
         super().__init__(layers=[self.make_layer(i) for i in range(num_layers)])
         deferred = DeferredEvictions(num_layers)  # decode evictions of every layer, chosen together
+        stacked = StackedSlots(num_layers)  # and made with one op per kind in buffers shared by the layers
         for layer in self.layers:
             layer.prefill_only = prefill_only
             layer.evict_every = evict_every
             layer.deferred = deferred
+            layer.stacked = stacked
 
     def make_layer(self, layer_idx: int) -> PruningLayer:
         """The storage of one decoder layer (a subclass of the cache picks its own layer kind here)."""

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from ..policies.base import rank_grid
+from .stacked import Stacked, drop_together
 
 
 def one_over_victims(eff: torch.Tensor, ranks: torch.Tensor, first_recent: torch.Tensor, n_sink: int,
@@ -33,7 +34,7 @@ def one_over_victims(eff: torch.Tensor, ranks: torch.Tensor, first_recent: torch
     return torch.where(eff == low, ranks, -2).argmax(dim=-1, keepdim=True)  # -2: below a padding slot's rank -1
 
 
-class OneOver(Protocol):
+class OneOver(Stacked, Protocol):
     """A layer :func:`evict_one_over` serves: its ranks, validity and token counts, and the drop itself."""
 
     ranks: torch.Tensor
@@ -55,8 +56,9 @@ def evict_one_over(members: list[tuple[OneOver, torch.Tensor]], recent: int, n_s
     victims = one_over_victims(torch.stack([e for _, e in members]), ranks, first_recent, n_sink, valid)
     # a padding victim is no eviction: count the real ones (one sync for every layer)
     evicted = valid.gather(-1, victims).flatten(1).sum(1).tolist() if padded else [None] * len(layers)
-    for layer, victim, n in zip(layers, victims.unbind(0), evicted):
-        layer.drop_slots(victim, n)
+    if not drop_together(layers, victims, evicted):  # one op per kind for all layers when their buffers are stacked
+        for layer, victim, n in zip(layers, victims.unbind(0), evicted):
+            layer.drop_slots(victim, n)
 
 
 class DeferredEvictions:

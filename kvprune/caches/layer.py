@@ -18,18 +18,21 @@ from .base import KVLayer, check_layout, grown, room
 from .budget import Budget
 from .contract import bind
 from .decode import DeferredEvictions, evict_one_over
+from .stacked import FREE_SLOT, Generation, StackedSlots, move_newest
 
 INDEX_DTYPE = torch.int32
-#: what a free slot holds for (keys, values, positions, ranks, valid, scores); None: written by the append
-_FREE_SLOT = (None, None, None, -1, True, 0.0)
 
 
-def take_slots(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def take_slots(t: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``t[b, h, keep[b, h, c], :]`` as ``[B, H, C, D]``: one row-wise ``index_select`` (several times faster
-    than ``gather`` with an index expanded over ``D``, which reads an index per element)."""
+    than ``gather`` with an index expanded over ``D``, which reads an index per element). ``out``: a contiguous
+    ``[B, H, C, D]`` tensor to write into."""
     b, h, s, d = t.shape
     base = torch.arange(b * h, device=t.device).view(b, h, 1) * s
     flat = (keep.long() + base).reshape(-1)
+    if out is not None:
+        torch.index_select(t.reshape(b * h * s, d), 0, flat, out=out.view(-1, d))
+        return out
     return t.reshape(b * h * s, d).index_select(0, flat).view(b, h, keep.shape[-1], d)
 
 
@@ -95,6 +98,8 @@ class PruningLayer(KVLayer):
         self.evict_every = 1  # set by the cache: one-token steps evict every this many tokens seen
         #: set by the cache: one-over decode evictions chosen with the other layers' (None: each layer alone)
         self.deferred: DeferredEvictions | None = None
+        #: set by the cache: decode-size buffers as slices of tensors shared by every layer (None: each layer alone)
+        self.stacked: StackedSlots | None = None
         self.reset()
 
     # -- transformers' layer contract --------------------------------------------------------
@@ -108,7 +113,7 @@ class PruningLayer(KVLayer):
         self.valid = torch.empty((b, h, 0), dtype=torch.bool, device=self.device)
         self.scores = torch.empty((b, h, 0), dtype=torch.float32, device=self.device)
         self.n_valid = torch.zeros(b, dtype=torch.int64, device=self.device)
-        self._bufs = self._flat = None
+        self._bufs = self._flat = self.generation = None
         self.is_initialized = True
 
     def update(
@@ -141,7 +146,7 @@ class PruningLayer(KVLayer):
         # concatenation); free slots already hold the defaults rank -1, valid, score 0
         n = self.keys.shape[-2]
         if self._bufs is None or n + q > self._bufs[0].shape[-2]:
-            self._reserve(room(n + q))
+            self._reserve(room(n + q), stacked=q == 1)  # a prompt's buffers stay the layer's own
         kbuf, vbuf, pbuf = self._bufs[:3]
         kbuf[:, :, n : n + q] = key_states
         vbuf[:, :, n : n + q] = value_states
@@ -172,26 +177,49 @@ class PruningLayer(KVLayer):
         self._held = n
         self._meta = [None, None, None, None]  # metadata views are made when first used
 
-    def _reserve(self, slots: int) -> None:
-        """Move the held slots to the front of new buffers of ``slots`` slots; the rest are free, with defaults."""
+    def _reserve(self, slots: int, stacked: bool = False) -> None:
+        """Move the held slots to the front of new buffers of ``slots`` slots; the rest are free, with defaults.
+        ``stacked``: the buffers may be this layer's slices of the cache's shared ones (:mod:`.stacked`)."""
         n = self.keys.shape[-2]
         held = (self.keys, self.values, self.positions, self.ranks, self.valid, self.scores)
-        self._bufs = tuple(grown(t, n, slots, 2, default) for t, default in zip(held, _FREE_SLOT))
-        self._flat = None
+        bufs = self._new_buffers(held, slots, stacked)
+        if bufs is None:
+            bufs = tuple(grown(t, n, slots, 2, default) for t, default in zip(held, FREE_SLOT))
+        else:
+            for t, buf, default in zip(held, bufs, FREE_SLOT):
+                buf[:, :, :n] = t
+                if default is not None:
+                    buf[:, :, n:] = default
+        self._bufs, self._flat = bufs, None
         self._use_slots(n)
 
-    def _adopt(self, keep: torch.Tensor) -> None:
-        """Hold exactly the slots ``keep [B, H, C]`` (in that order), plus one free slot for the next token."""
-        c = keep.shape[-1]
+    def _adopt(self, keep: torch.Tensor, stacked: bool = False) -> None:
+        """Hold exactly the slots ``keep [B, H, C]`` (in that order), plus one free slot for the next token.
+        ``stacked``: the buffers may be this layer's slices of the cache's shared ones (:mod:`.stacked`)."""
+        b, h, c = keep.shape
         idx = torch.cat([keep, keep[..., -1:]], dim=-1)  # the free slot starts as a copy: overwritten by the next token
-        kv = tuple(take_slots(t, idx) for t in self._kv_storage())
-        meta = tuple(t.gather(2, idx) for t in (self.positions, self.ranks, self.valid, self.scores))
-        for t, default in zip(meta, _FREE_SLOT[2:]):
+        kv = self._kv_storage()
+        meta = (self.positions, self.ranks, self.valid, self.scores)
+        bufs = self._new_buffers((*kv, *meta), c + 1, stacked)
+        if bufs is None:
+            bufs = (*(take_slots(t, idx) for t in kv), *(t.gather(2, idx) for t in meta))
+        else:
+            for t, buf in zip(kv, bufs):
+                take_slots(t, idx, out=buf)
+            for t, buf in zip(meta, bufs[2:]):
+                torch.gather(t, 2, idx, out=buf)
+        for t, default in zip(bufs[2:], FREE_SLOT[2:]):
             if default is not None:
                 t[:, :, c:] = default
-        self._bufs = (*kv, *meta)
-        self._flat = None
+        self._bufs, self._flat = bufs, None
         self._use_slots(c)
+
+    def _new_buffers(self, like: tuple[torch.Tensor, ...], slots: int, stacked: bool) -> tuple[torch.Tensor, ...] | None:
+        """This layer's slices of the cache's shared buffers when ``stacked`` and the layout allows, else None
+        (the caller allocates the layer's own); sets :attr:`generation` either way."""
+        taken = self.stacked.take(self.layer_idx, like, slots) if stacked and self.stacked is not None else None
+        self.generation = None if taken is None else taken[0]
+        return None if taken is None else taken[1]
 
     def _kv_storage(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous tensors whose first slots are ``keys`` / ``values`` (the buffers, or the tensors themselves)."""
@@ -226,6 +254,7 @@ class PruningLayer(KVLayer):
         self.eviction_due = False  # handed to ``deferred``, not yet dropped
         #: drop_slots' (held slots - 1, flat views of the buffers, each (row, head)'s first flat slot, its last)
         self._flat: tuple | None = None
+        self.generation: Generation | None = None  # the shared buffers this layer's are slices of (:mod:`.stacked`)
         self.sealed = False  # prefill_only and past the first forward: no scores, no eviction
         self.resting = False  # this step neither evicts nor keeps what it would observe (see ``frozen``)
         self.is_initialized = False
@@ -236,7 +265,7 @@ class PruningLayer(KVLayer):
         index = index.to(self.device)
         for name in ("keys", "values", "positions", "ranks", "valid", "scores", "n_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index))
-        self._bufs = self._flat = None  # the next token reserves new buffers
+        self._bufs = self._flat = self.generation = None  # the next token reserves new buffers
         self.all_valid = bool(self.valid.all())
         self.heads_aligned = None  # checked when asked
 
@@ -278,7 +307,7 @@ class PruningLayer(KVLayer):
             return
         held, buf = self._held, self._bufs[3]
         buf[:, :, :held].copy_(self._bufs[2][:, :, :held])
-        buf[:, :, held:] = _FREE_SLOT[3]
+        buf[:, :, held:] = FREE_SLOT[3]
         self._meta[1] = None
 
     def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor | None:
@@ -364,7 +393,7 @@ class PruningLayer(KVLayer):
         before = int(self.valid.sum())
         # the kept slots are copied once, into buffers with one free slot at the end where the next decode
         # step writes its token (one copy of the cache per step instead of two: append + compact)
-        self._adopt(keep)
+        self._adopt(keep, stacked=True)
         # a row whose own budget is below the widest row's keeps its surplus slots as padding
         self.valid &= perm < caps[:, None, None]
         after = int(self.valid.sum())
@@ -408,25 +437,24 @@ class PruningLayer(KVLayer):
         """Drop slot ``victim [B, H, 1]`` of each (row, KV head), which holds one slot over: the newest slot moves
         into its place (a copy of one slot, not of the cache) and the last slot becomes the free one again.
         ``evicted``: how many victims were real tokens (None: all; a padding victim is no eviction)."""
-        h = victim.shape[1]
         last = self.keys.shape[-2] - 1
         if self._flat is None or self._flat[0] != last:  # flat views of the buffers, made once per buffers and size
-            b, _, size = self._bufs[0].shape[:3]
+            b, h, size = self._bufs[0].shape[:3]
             starts = torch.arange(b * h, device=self.device) * size  # each (row, head)'s first slot, flat
             flat = tuple(t.view(b * h * size, -1) if t.dim() == 4 else t.view(-1) for t in self._bufs)
             self._flat = (last, flat, starts, starts + last)
-        _, (keys, values, positions, ranks, valid, scores), starts, src = self._flat
-        dst = victim.view(-1) + starts
-        # ranks move only once they differ from positions; validity only when some slot is padding
-        moved = (keys, values, positions, scores) + (() if self.ranks_are_positions else (ranks,)) + (
-            () if self.all_valid else (valid,))
-        for t in moved:
-            t.index_copy_(0, dst, t.index_select(0, src))
-        scores.index_fill_(0, src, _FREE_SLOT[5])
-        if not self.ranks_are_positions:
-            ranks.index_fill_(0, src, _FREE_SLOT[3])
-        if not self.all_valid:  # the free slot is valid until a padding token is written there
-            valid.index_fill_(0, src, _FREE_SLOT[4])
+        _, views, starts, src = self._flat
+        move_newest(views, victim.view(-1) + starts, src, self.moved_kinds())
+        self.after_drop(victim, evicted, last)
+
+    def moved_kinds(self) -> tuple[int, ...]:
+        """The buffers a drop moves (indices into keys, values, positions, ranks, valid, scores): ranks only once
+        they differ from positions, validity only once some slot is padding."""
+        return (0, 1, 2, 5) + (() if self.ranks_are_positions else (3,)) + (() if self.all_valid else (4,))
+
+    def after_drop(self, victim: torch.Tensor, evicted: int | None, last: int) -> None:
+        """Bookkeeping once the newest slot has moved into ``victim``'s place: ``last`` slots are held."""
+        h = victim.shape[1]
         self._use_slots(last)
         self.in_position_order = self.eviction_due = False
         self.evictions += victim.numel() if evicted is None else evicted

@@ -1,7 +1,7 @@
 """StreamingLLM (arXiv 2309.17453): attention sinks plus a recent window.
 
-Keeps the first ``n_sink`` tokens and the most recent ones; the score is the token's index among
-the row's valid tokens, so the oldest non-sink token goes first. Positions are not shifted.
+Keeps the first ``n_sink`` tokens and the ``budget - n_sink`` most recent ones (counted among the row's
+real tokens): the oldest non-sink token goes first. Nothing is scored. Positions are not shifted.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InvalidParameterError
 from .base import Policy
 
 
@@ -21,8 +22,18 @@ class StreamingLLM(Policy):
 
     name = "streaming"
 
-    def eviction_scores(
-        self, scores: torch.Tensor, keys: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor
-    ) -> torch.Tensor:
-        # read from the ranks when evicting, not stored per slot: nothing to write or move at each step
-        return ranks.to(torch.float32)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.recent != 0:
+            raise InvalidParameterError(
+                "streaming keeps its n_sink sinks and the newest (budget - n_sink) tokens, so `recent` does not "
+                f"apply to it; leave it 0 (got {self.recent!r})"
+            )
+
+    # the rolling window is protection, not a score: ranking by age would tie old tokens on the ranking grid
+    # (10 significant bits) once positions pass ~2K, and ties go to the newest
+    def recent_tokens(self, budget: torch.Tensor) -> torch.Tensor:
+        return budget - self.n_sink
+
+    def recent_count(self, budget: int) -> int:
+        return budget - self.n_sink
