@@ -114,6 +114,7 @@ class PruningLayer(KVLayer):
         self.scores = torch.empty((b, h, 0), dtype=torch.float32, device=self.device)
         self.n_valid = torch.zeros(b, dtype=torch.int64, device=self.device)
         self._bufs = self._flat = self.generation = None
+        self._views = {}
         self.is_initialized = True
 
     def update(
@@ -173,9 +174,15 @@ class PruningLayer(KVLayer):
 
     # -- storage: buffers with free slots at the end; keys, values and metadata are views of their front
     def _use_slots(self, n: int) -> None:
-        self.keys, self.values = self._bufs[0][:, :, :n], self._bufs[1][:, :, :n]
+        # the views of n held slots are kept for the buffers' life: a decode step that evicts alternates between
+        # two counts (budget + 1 while attending, budget after), so it makes no views at all
+        views = self._views.get(n)
+        if views is None:
+            if len(self._views) >= 2:
+                self._views.clear()
+            views = self._views[n] = (self._bufs[0][:, :, :n], self._bufs[1][:, :, :n], [None, None, None, None])
+        self.keys, self.values, self._meta = views  # metadata views are made when first used
         self._held = n
-        self._meta = [None, None, None, None]  # metadata views are made when first used
 
     def _reserve(self, slots: int, stacked: bool = False) -> None:
         """Move the held slots to the front of new buffers of ``slots`` slots; the rest are free, with defaults.
@@ -190,7 +197,7 @@ class PruningLayer(KVLayer):
                 buf[:, :, :n] = t
                 if default is not None:
                     buf[:, :, n:] = default
-        self._bufs, self._flat = bufs, None
+        self._bufs, self._flat, self._views = bufs, None, {}
         self._use_slots(n)
 
     def _adopt(self, keep: torch.Tensor, stacked: bool = False) -> None:
@@ -211,7 +218,7 @@ class PruningLayer(KVLayer):
         for t, default in zip(bufs[2:], FREE_SLOT[2:]):
             if default is not None:
                 t[:, :, c:] = default
-        self._bufs, self._flat = bufs, None
+        self._bufs, self._flat, self._views = bufs, None, {}
         self._use_slots(c)
 
     def _new_buffers(self, like: tuple[torch.Tensor, ...], slots: int, stacked: bool) -> tuple[torch.Tensor, ...] | None:
@@ -236,6 +243,8 @@ class PruningLayer(KVLayer):
 
     def reset(self) -> None:
         self._meta: list[torch.Tensor | None] = [None, None, None, None]
+        #: held slots -> (keys, values, metadata views) of the current buffers (see _use_slots)
+        self._views: dict[int, tuple] = {}
         #: (keys, values, positions, ranks, valid, scores) buffers; the held slots are their first ``physical_length``
         self._bufs: tuple[torch.Tensor, ...] | None = None
         self._held = 0
@@ -266,6 +275,7 @@ class PruningLayer(KVLayer):
         for name in ("keys", "values", "positions", "ranks", "valid", "scores", "n_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self._bufs = self._flat = self.generation = None  # the next token reserves new buffers
+        self._views = {}
         self.all_valid = bool(self.valid.all())
         self.heads_aligned = None  # checked when asked
 
