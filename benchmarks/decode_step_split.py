@@ -17,6 +17,7 @@ import decode_step_cost
 from decode_step_cost import parse_args, policy_makers, setup
 
 
+from kvprune.caches import decode
 from kvprune.caches.layer import PruningLayer
 from kvprune.integrations import attention
 
@@ -52,6 +53,8 @@ def instrument() -> None:
             setattr(PruningLayer, name, timed(part, getattr(PruningLayer, name)))
     for name in ("grouped_probs", "grouped_output", "sdpa_output"):
         setattr(attention, name, timed("attention", getattr(attention, name)))
+    if hasattr(decode, "drop_together"):  # every layer's one-over drop at once (stacked buffers), since BENCHMARKS §9
+        decode.drop_together = timed("gather", decode.drop_together)
     attention.estimate_observation = timed("scores", attention.estimate_observation)
 
 

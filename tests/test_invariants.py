@@ -159,3 +159,12 @@ def test_prefill_only_compresses_once_then_grows(policy):
                 i += 1
     with pytest.raises(kvprune.InvalidParameterError, match="prefill_only"):
         kvprune.make_cache(model, "lazyllm", prefill_only=True)
+
+
+@given(st.floats(1e-4, 0.9999), st.integers(0, 10**8), st.integers(1, 64))
+def test_ratio_budget_int_path_matches_the_tensor_path(ratio, n_seen, floor):
+    """The decode path's int capacity (rows that all saw ``n_seen`` tokens) is the per-row tensor rule's."""
+    from kvprune.caches.budget import Budget
+
+    budget = Budget(ratio=ratio)
+    assert budget.slots_for(n_seen, floor) == int(budget.slots(torch.tensor([n_seen]), floor)[0])

@@ -58,6 +58,12 @@ class Budget:
         want = torch.ceil(n_seen.double() * self.ratio - 1e-9).long()  # 1e-9: 0.3 * 10 is 3, not 4
         return want.clamp(min=floor)
 
+    def slots_for(self, n_seen: int, floor: int) -> int:
+        """:meth:`slots` for rows that have all seen ``n_seen`` valid tokens, as an int (the same float arithmetic)."""
+        if self.tokens is not None:
+            return max(self.tokens, floor)
+        return max(math.ceil(n_seen * self.ratio - 1e-9), floor)
+
     def check_room(self, floor: int, policy: str) -> None:
         """Raise if an absolute budget cannot hold the ``floor`` protected tokens of ``policy``."""
         if self.tokens is not None and self.tokens < floor:

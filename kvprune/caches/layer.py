@@ -422,6 +422,8 @@ class PruningLayer(KVLayer):
             return False
         if budget.tokens is not None:
             cap = max(budget.tokens, self.policy.min_budget())
+        elif self.ranks_are_positions:  # no padding seen: every row has seen n_seen real tokens (no tensor ops)
+            cap = budget.slots_for(self.n_seen, self.policy.min_budget())
         else:  # a ratio of the tokens seen: the fast path when every row may hold the same count now
             caps = self.capacity()
             cap = int(caps.min())
