@@ -245,3 +245,15 @@ def test_compare_checks_every_argument_before_the_baseline_runs(monkeypatch):
                                policy_params={"a2sf": {"alphaa": 0.1}})
     with raises(InvalidParameterError, "protocol must be one of"):
         compare_module.compare(model, object(), task=examples, policies=["h2o"], budgets=[0.5], protocol="both")
+
+
+def test_padding_mask_edited_in_place_is_read_again():
+    """The newest-token padding check is made once per mask object and version, so a mask a caller edits in
+    place between forwards (the same tensor object) is read again, never answered from the previous forward."""
+    from kvprune.integrations.attention import _newest_real
+
+    mask = torch.ones(2, 5, dtype=torch.long)
+    assert _newest_real(mask)
+    mask[1, -1] = 0  # in place: same object, new version
+    assert not _newest_real(mask)
+    assert _newest_real(torch.ones(2, 6, dtype=torch.long))

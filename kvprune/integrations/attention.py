@@ -10,6 +10,7 @@ Probabilities are float32 and averaged over the query heads of each KV group (GQ
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -249,6 +250,22 @@ def estimate_observation(
     return obs, out
 
 
+#: (the last 2D padding mask seen, its version, whether its newest column is all real): every layer of a forward
+#: gets the same mask object, so a decode step checks it (a device sync) once instead of once per layer
+_NEWEST: tuple[weakref.ref, int, bool] | None = None
+
+
+def _newest_real(attention_mask: torch.Tensor) -> bool:
+    """Whether every row's newest token is real in the 2D padding mask (memoised per mask object and version)."""
+    global _NEWEST
+    memo = _NEWEST
+    if memo is not None and memo[0]() is attention_mask and memo[1] == attention_mask._version:
+        return memo[2]
+    real = bool(attention_mask[:, -1].all())
+    _NEWEST = (weakref.ref(attention_mask), attention_mask._version, real)
+    return real
+
+
 def _padding_of_new_tokens(attention_mask: Any, q: int, b: int) -> torch.Tensor | None:
     if attention_mask is None:
         return None
@@ -306,7 +323,7 @@ def kvprune_attention(
         layer.finish(obs)
         return out, None
     if layer is not None and layer.pending == q:
-        if q == 1 and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and bool(attention_mask[:, -1].all()):
+        if q == 1 and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and _newest_real(attention_mask):
             new_valid = None  # the common decode step: the new token is real in every row
         else:
             new_valid = _padding_of_new_tokens(attention_mask, q, b)
