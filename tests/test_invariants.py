@@ -168,3 +168,24 @@ def test_ratio_budget_int_path_matches_the_tensor_path(ratio, n_seen, floor):
 
     budget = Budget(ratio=ratio)
     assert budget.slots_for(n_seen, floor) == int(budget.slots(torch.tensor([n_seen]), floor)[0])
+
+
+def test_reset_and_new_prompts_free_the_shared_decode_buffers():
+    """Decode-size buffers shared by the layers are freed with the last layer that uses them: after ``reset``
+    the cache holds nothing, and a new prompt's eviction holds one set of them, not two."""
+    from kvprune.caches.accounting import held_bytes
+
+    model = tiny_model()
+    cache = kvprune.make_cache(model, "h2o", 16)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        nxt = model(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        held = held_bytes(cache)
+        for _ in range(3):
+            nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+    assert all(layer.generation is cache.layers[0].generation is not None for layer in cache.layers)
+    cache.reset()
+    assert held_bytes(cache) == 0
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache)
+    assert held_bytes(cache) == held

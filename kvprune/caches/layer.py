@@ -61,6 +61,8 @@ class PruningLayer(KVLayer):
 
     #: the shared attention path computes this layer's attention (kvprune.caches.contract)
     own_attention = None
+    #: the shared buffers this layer's are slices of (:mod:`.stacked`); None: buffers of its own
+    generation: Generation | None = None
 
     positions = _held_view(0)
     _ranks = _held_view(1)
@@ -113,7 +115,8 @@ class PruningLayer(KVLayer):
         self.valid = torch.empty((b, h, 0), dtype=torch.bool, device=self.device)
         self.scores = torch.empty((b, h, 0), dtype=torch.float32, device=self.device)
         self.n_valid = torch.zeros(b, dtype=torch.int64, device=self.device)
-        self._bufs = self._flat = self.generation = None
+        self._bufs = self._flat = None
+        self._join(None)
         self._views = {}
         self.is_initialized = True
 
@@ -225,8 +228,15 @@ class PruningLayer(KVLayer):
         """This layer's slices of the cache's shared buffers when ``stacked`` and the layout allows, else None
         (the caller allocates the layer's own); sets :attr:`generation` either way."""
         taken = self.stacked.take(self.layer_idx, like, slots) if stacked and self.stacked is not None else None
-        self.generation = None if taken is None else taken[0]
+        self._join(None if taken is None else taken[0])
         return None if taken is None else taken[1]
+
+    def _join(self, gen: Generation | None) -> None:
+        """Hold buffers of generation ``gen`` (None: of the layer's own), letting go of the previous one."""
+        old = self.generation
+        if old is not None and old is not gen and self.stacked is not None:
+            self.stacked.release(self.layer_idx, old)
+        self.generation = gen
 
     def _kv_storage(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous tensors whose first slots are ``keys`` / ``values`` (the buffers, or the tensors themselves)."""
@@ -263,7 +273,7 @@ class PruningLayer(KVLayer):
         self.eviction_due = False  # handed to ``deferred``, not yet dropped
         #: drop_slots' (held slots - 1, flat views of the buffers, each (row, head)'s first flat slot, its last)
         self._flat: tuple | None = None
-        self.generation: Generation | None = None  # the shared buffers this layer's are slices of (:mod:`.stacked`)
+        self._join(None)
         self.sealed = False  # prefill_only and past the first forward: no scores, no eviction
         self.resting = False  # this step neither evicts nor keeps what it would observe (see ``frozen``)
         self.is_initialized = False
@@ -274,7 +284,8 @@ class PruningLayer(KVLayer):
         index = index.to(self.device)
         for name in ("keys", "values", "positions", "ranks", "valid", "scores", "n_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index))
-        self._bufs = self._flat = self.generation = None  # the next token reserves new buffers
+        self._bufs = self._flat = None  # the next token reserves new buffers
+        self._join(None)
         self._views = {}
         self.all_valid = bool(self.valid.all())
         self.heads_aligned = None  # checked when asked

@@ -66,6 +66,15 @@ class StackedSlots:
         return gen, tuple(t[layer_idx] for t in gen.tensors)
 
 
+    def release(self, layer_idx: int, gen: Generation) -> None:
+        """Layer ``layer_idx`` no longer uses its slice of ``gen``: the current generation is let go (its memory
+        freed with the last layer's buffers) once no layer uses it."""
+        if gen is self.current:
+            gen.taken.discard(layer_idx)
+            if not gen.taken:
+                self.current = None
+
+
 class Stacked(Protocol):
     """A layer :func:`drop_together` serves: its index, generation, storage flags, and the per-layer bookkeeping."""
 
