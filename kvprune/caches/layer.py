@@ -445,7 +445,7 @@ class PruningLayer(KVLayer):
             return True  # no row holds more than its budget: nothing to evict
         if s != cap + 1:
             return False
-        eff = self.scores
+        eff = self.scores if self.policy.scored else None  # None: nothing scored, protection alone decides
         if type(self.policy).eviction_scores is not Policy.eviction_scores:
             eff = self.policy.eviction_scores(eff, self.policy_keys(), self.ranks, self.valid, self.n_valid)
         recent = max(1, self.policy.recent_count(cap))
@@ -467,13 +467,15 @@ class PruningLayer(KVLayer):
             flat = tuple(t.view(b * h * size, -1) if t.dim() == 4 else t.view(-1) for t in self._bufs)
             self._flat = (last, flat, starts, starts + last)
         _, views, starts, src = self._flat
-        move_newest(views, victim.view(-1) + starts, src, self.moved_kinds())
+        move_newest(views, victim.view(-1) + starts, src, self.moved_kinds(), self.n_seen - 1)
         self.after_drop(victim, evicted, last)
 
     def moved_kinds(self) -> tuple[int, ...]:
-        """The buffers a drop moves (indices into keys, values, positions, ranks, valid, scores): ranks only once
-        they differ from positions, validity only once some slot is padding."""
-        return (0, 1, 2, 5) + (() if self.ranks_are_positions else (3,)) + (() if self.all_valid else (4,))
+        """The buffers a drop copies (indices into keys, values, positions, ranks, valid, scores) besides positions
+        (the newest slot's is always the newest token's, ``n_seen - 1``: filled, not copied): scores only when the
+        policy scores, ranks only once they differ from positions, validity only once some slot is padding."""
+        return ((0, 1) + ((5,) if self.policy.scored else ()) + (() if self.ranks_are_positions else (3,))
+                + (() if self.all_valid else (4,)))
 
     def after_drop(self, victim: torch.Tensor, evicted: int | None, last: int) -> None:
         """Bookkeeping once the newest slot has moved into ``victim``'s place: ``last`` slots are held."""

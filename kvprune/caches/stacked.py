@@ -81,6 +81,7 @@ class Stacked(Protocol):
     layer_idx: int
     generation: Generation | None
     keys: torch.Tensor
+    n_seen: int
     ranks_are_positions: bool
     all_valid: bool
 
@@ -98,22 +99,25 @@ def drop_together(layers: list[Stacked], victims: torch.Tensor, evicted: list[in
     with the same held count and storage flags): every layer's newest slot moves into its victim's place with one
     op per kind. False (nothing done) when the layers do not share a generation that way."""
     gen = layers[0].generation
-    s = layers[0].keys.shape[-2]
+    s, n = layers[0].keys.shape[-2], layers[0].n_seen
     kinds = layers[0].moved_kinds()
     if gen is None or any(
-        layer.generation is not gen or layer.keys.shape[-2] != s or layer.moved_kinds() != kinds for layer in layers
+        layer.generation is not gen or layer.keys.shape[-2] != s or layer.n_seen != n or layer.moved_kinds() != kinds
+        for layer in layers
     ):
         return False
     views, starts, src = gen.flat(s - 1, tuple(layer.layer_idx for layer in layers))
-    move_newest(views, (victims.view(len(layers), -1) + starts).view(-1), src, kinds)
+    move_newest(views, (victims.view(len(layers), -1) + starts).view(-1), src, kinds, n - 1)
     for layer, victim, n in zip(layers, victims.unbind(0), evicted):
         layer.after_drop(victim, n, s - 1)
     return True
 
 
-def move_newest(views: tuple[torch.Tensor, ...], dst: torch.Tensor, src: torch.Tensor, kinds: tuple[int, ...]) -> None:
+def move_newest(views: tuple[torch.Tensor, ...], dst: torch.Tensor, src: torch.Tensor, kinds: tuple[int, ...],
+                newest_position: int) -> None:
     """Copy flat slots ``src`` (the newest) into ``dst`` (the victims) in each of ``kinds`` of the flat buffer views,
-    then give the freed ``src`` slots their free-slot defaults."""
+    write ``newest_position`` as the victims' position, then give the freed ``src`` slots their free-slot defaults."""
+    views[2].index_fill_(0, dst, newest_position)
     for k in kinds:
         views[k].index_copy_(0, dst, views[k].index_select(0, src))
     for k in kinds:

@@ -149,6 +149,14 @@ class Policy:
 
     # -- scoring ----------------------------------------------------------------------------
     @property
+    def scored(self) -> bool:
+        """Whether slots are ranked by a score: False for a policy that overrides none of :meth:`initial_scores`,
+        :meth:`update_scores` and :meth:`eviction_scores` (every slot ties; protection alone decides, StreamingLLM)."""
+        cls = type(self)
+        return (cls.initial_scores is not Policy.initial_scores or cls.update_scores is not Policy.update_scores
+                or cls.eviction_scores is not Policy.eviction_scores)
+
+    @property
     def window_size(self) -> int:
         """Number of trailing prefill queries observed when ``observation == "window"``."""
         return 1
