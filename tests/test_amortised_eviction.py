@@ -220,19 +220,18 @@ def test_a_forward_that_stops_early_leaves_no_eviction_behind():
 def test_tova_observes_only_the_steps_that_evict(lengths, monkeypatch):
     """TOVA's scores are its newest observation, so between amortised evictions a step observes nothing (the
     explicit attention row is skipped); it keeps what observing at every step keeps, with the same logits."""
-    from kvprune.integrations import attention
     from kvprune.policies.tova import TOVA
 
     model = tiny_model()
     ids, mask = padded_batch(lengths)
     runs, observed = [], []
-    real = attention.estimate_observation
+    real = TOVA.update_scores
 
-    def counting(*args, **kwargs):
-        observed[-1] += 1
-        return real(*args, **kwargs)
+    def counting(self, scores, obs, n_new):  # an observation reaches the policy
+        observed[-1] += obs is not None
+        return real(self, scores, obs, n_new)
 
-    monkeypatch.setattr(attention, "estimate_observation", counting)
+    monkeypatch.setattr(TOVA, "update_scores", counting)
     for rests in (True, False):
         monkeypatch.setattr(TOVA, "replaces_scores", rests)
         observed.append(0)

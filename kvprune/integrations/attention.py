@@ -63,6 +63,19 @@ def grouped_probs(
     return torch.softmax(logits, dim=-1)
 
 
+def decode_row(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per row against every slot (a decode step, no mask): the output ``[B, Hq, 1, Dv]`` and the
+    softmax rows ``[B * Hkv, G, S]`` it was computed from (at least float32), in as few ops as the step allows
+    (a decode step is mostly per-op overhead): :func:`grouped_probs` and :func:`grouped_output` for ``q = 1``."""
+    b, hq, _, d = query.shape
+    hkv = key.shape[1]
+    logits = torch.bmm((query * scaling).reshape(b * hkv, hq // hkv, d), key.flatten(0, 1).transpose(1, 2))
+    probs = torch.softmax(logits if logits.dtype in (torch.float32, torch.float64) else logits.float(), dim=-1)
+    out = torch.bmm(probs if probs.dtype == value.dtype else probs.to(value.dtype), value.flatten(0, 1))
+    return out.view(b, hq, 1, -1), probs
+
+
 def grouped_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``probs @ value`` per KV group, returned as ``[B, Hq, q, Dv]``."""
     b, hkv, g, q, s = probs.shape
@@ -245,9 +258,15 @@ def estimate_observation(
             obs[..., :width] += reduce_probs(p, w)
             if out is not None:
                 out[:, :, start:stop] = grouped_output(p, value[:, :, :width])
+    return across_heads(policy, obs, parallel), out
+
+
+def across_heads(policy: Policy, obs: torch.Tensor, parallel: TensorParallel) -> torch.Tensor:
+    """``obs [B, Hkv, S]`` as the policy reads it: averaged over every KV head when its keep-set is shared across
+    heads (alone: ``obs.mean(1)``; sharded: over every rank's heads, one all-reduce), else unchanged."""
     if policy.shared_across_heads:
-        obs = parallel.head_mean(obs, dim=1).expand_as(obs)  # alone: obs.mean(1); sharded: over every rank's heads
-    return obs, out
+        return parallel.head_mean(obs, dim=1).expand_as(obs)
+    return obs
 
 
 #: (the last 2D padding mask seen, its version, whether its newest column is all real): every layer of a forward
@@ -347,6 +366,13 @@ def kvprune_attention(
     decode_kernel = not observed and (s <= DECODE_KERNEL_MAX_KEYS or (not gqa and s >= DECODE_KERNEL_MIN_KEYS))
     if backend == "eager" or (q == 1 and not decode_kernel):
         allowed = _allowed(layer, attention_mask, new_valid, b, q, s, query.device, sliding_window)
+        if q == 1 and allowed is None and backend != "eager" and qv is None:  # the common decode step
+            out, rows = decode_row(query, key, value, scaling)
+            if policy is not None:  # the row averaged over each KV group's query heads (a single query weighs 1)
+                obs = across_heads(policy, rows.mean(dim=1).view(b, key.shape[1], -1), parallel_of(layer))
+            if layer is not None:
+                layer.finish(obs)
+            return out.transpose(1, 2).contiguous(), None
         probs = grouped_probs(query, key, allowed, scaling)
         out = grouped_output(probs, value)
         if backend == "eager":
