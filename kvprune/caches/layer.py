@@ -118,6 +118,8 @@ class PruningLayer(KVLayer):
         self._bufs = self._flat = None
         self._join(None)
         self._views = {}
+        if self.stacked is not None:
+            self.stacked.register(self.device)
         self.is_initialized = True
 
     def update(
@@ -132,6 +134,8 @@ class PruningLayer(KVLayer):
             )
         if self.eviction_due:  # a forward ended before every layer had attended: evict before attending again
             self.deferred.flush()
+        if self.generation is not None and self.stacked.disabled:  # layers on several devices: buffers of its own
+            self._reserve(self._bufs[0].shape[-2])
         if self.pending:
             raise CacheUsageError(
                 "the previous forward never reached kvprune's attention function. Prepare the model with "

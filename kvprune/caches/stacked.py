@@ -42,16 +42,33 @@ class Generation:
 
 
 class StackedSlots:
-    """The generations of a cache's ``n_layers`` layers: layer 0 starts one, the others join it with the same layout."""
+    """The generations of a cache's ``n_layers`` layers: layer 0 starts one, the others join it with the same layout.
+
+    Only while every layer's keys live on one device: a model split across devices (``device_map``) would otherwise
+    get every layer's decode buffers on the first layer's device, so there each layer keeps buffers of its own.
+    """
 
     def __init__(self, n_layers: int) -> None:
         self.n_layers = n_layers
         self.current: Generation | None = None
+        self.device: torch.device | None = None  # the one device the layers' keys live on so far
+        self.disabled = False  # the layers live on more than one device: no shared buffers
+
+    def register(self, device: torch.device) -> None:
+        """A layer's keys live on ``device``; a second device turns sharing off for good (a layer holding a slice
+        then moves to buffers of its own at its next step, :attr:`disabled`)."""
+        if self.device is None:
+            self.device = device
+        elif device != self.device and not self.disabled:
+            self.disabled = True
+            self.current = None
 
     def take(self, layer_idx: int, like: tuple[torch.Tensor, ...], slots: int) -> tuple[Generation, tuple] | None:
         """Empty buffers of ``slots`` slots laid out like ``like`` (``[B, H, any, ...]`` per kind) for layer
         ``layer_idx``: its slices of a new generation (layer 0) or of the current one when the layout matches and
         the layer has no slice of it yet; None otherwise (the layer allocates its own)."""
+        if self.disabled:
+            return None
         spec = tuple((tuple(t.shape[:2]), tuple(t.shape[3:]), t.dtype, t.device) for t in like) + (slots,)
         gen = self.current
         if layer_idx == 0:
