@@ -38,7 +38,7 @@ def one_over_victims(eff: torch.Tensor | None, ranks: torch.Tensor, first_recent
     if valid is not None:
         eff.masked_fill_(~valid, float("-inf"))
     low = eff.amin(dim=-1, keepdim=True)
-    return torch.where(eff == low, ranks, -2).argmax(dim=-1, keepdim=True)  # -2: below a padding slot's rank -1
+    return ranks.masked_fill(eff != low, -2).argmax(dim=-1, keepdim=True)  # -2: below a padding slot's rank -1
 
 
 class OneOver(Stacked, Protocol):
@@ -59,7 +59,8 @@ def evict_one_over(members: list[tuple[OneOver, torch.Tensor | None]], recent: i
     layers = [layer for layer, _ in members]
     padded = not all(layer.all_valid for layer in layers)
     ranks = torch.stack([layer.ranks for layer in layers])
-    first_recent = (torch.stack([layer.n_valid for layer in layers]) - recent)[..., None, None]
+    n_valid = torch.stack([layer.n_valid for layer in layers])
+    first_recent = (n_valid - recent).view(*n_valid.shape, 1, 1)
     valid = torch.stack([layer.valid for layer in layers]) if padded else None
     eff = None if members[0][1] is None else torch.stack([e for _, e in members])
     victims = one_over_victims(eff, ranks, first_recent, n_sink, valid)

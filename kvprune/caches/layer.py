@@ -472,7 +472,7 @@ class PruningLayer(KVLayer):
             self._flat = (last, flat, starts, starts + last)
         _, views, starts, src = self._flat
         move_newest(views, victim.view(-1) + starts, src, self.moved_kinds(), self.n_seen - 1)
-        self.after_drop(victim, evicted, last)
+        self.after_drop(evicted, last)
 
     def moved_kinds(self) -> tuple[int, ...]:
         """The buffers a drop copies (indices into keys, values, positions, ranks, valid, scores) besides positions
@@ -481,12 +481,13 @@ class PruningLayer(KVLayer):
         return ((0, 1) + ((5,) if self.policy.scored else ()) + (() if self.ranks_are_positions else (3,))
                 + (() if self.all_valid else (4,)))
 
-    def after_drop(self, victim: torch.Tensor, evicted: int | None, last: int) -> None:
-        """Bookkeeping once the newest slot has moved into ``victim``'s place: ``last`` slots are held."""
-        h = victim.shape[1]
+    def after_drop(self, evicted: int | None, last: int) -> None:
+        """Bookkeeping once each (row, head)'s newest slot has moved into its victim's place: ``last`` slots are held;
+        ``evicted`` victims were real tokens (None: all)."""
+        b, h = self.keys.shape[:2]
         self._use_slots(last)
         self.in_position_order = self.eviction_due = False
-        self.evictions += victim.numel() if evicted is None else evicted
+        self.evictions += b * h if evicted is None else evicted
         if not self.all_valid:
             self.all_valid = bool(self.valid.all())
         if self._aligned and h > 1 and not self.policy.shared_across_heads:  # shared: every head drops alike

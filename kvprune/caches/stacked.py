@@ -29,12 +29,12 @@ class Generation:
 
     def flat(self, last: int, layers: tuple[int, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
         """Flat ``[layers * B * H * slots, ...]`` views of every kind, the flat index of slot 0 of each (row, head) of
-        ``layers`` (``[len(layers), B * H]``), and of its slot ``last`` (flat ``[len(layers) * B * H]``)."""
+        ``layers`` (``[len(layers), B, H, 1]``), and of its slot ``last`` (flat ``[len(layers) * B * H]``)."""
         key = (last, layers)
         if key not in self._flat:
             n, b, h, size = self.tensors[0].shape[:4]
             views = tuple(t.view(n * b * h * size, -1) if t.dim() == 5 else t.view(-1) for t in self.tensors)
-            starts = (torch.arange(n * b * h, device=self.tensors[0].device) * size).view(n, b * h)
+            starts = (torch.arange(n * b * h, device=self.tensors[0].device) * size).view(n, b, h, 1)
             if layers != tuple(range(n)):
                 starts = starts[list(layers)]
             self._flat[key] = (views, starts, (starts + last).view(-1))
@@ -104,7 +104,7 @@ class Stacked(Protocol):
 
     def moved_kinds(self) -> tuple[int, ...]: ...
 
-    def after_drop(self, victim: torch.Tensor, evicted: int | None, last: int) -> None: ...
+    def after_drop(self, evicted: int | None, last: int) -> None: ...
 
 
 #: what a free slot holds, by kind (keys, values, positions, ranks, valid, scores); None: written by the append
@@ -124,9 +124,9 @@ def drop_together(layers: list[Stacked], victims: torch.Tensor, evicted: list[in
     ):
         return False
     views, starts, src = gen.flat(s - 1, tuple(layer.layer_idx for layer in layers))
-    move_newest(views, (victims.view(len(layers), -1) + starts).view(-1), src, kinds, n - 1)
-    for layer, victim, n in zip(layers, victims.unbind(0), evicted):
-        layer.after_drop(victim, n, s - 1)
+    move_newest(views, (victims + starts).view(-1), src, kinds, n - 1)
+    for layer, count in zip(layers, evicted):
+        layer.after_drop(count, s - 1)
     return True
 
 
