@@ -70,10 +70,23 @@ def decode_row(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scal
     (a decode step is mostly per-op overhead): :func:`grouped_probs` and :func:`grouped_output` for ``q = 1``."""
     b, hq, _, d = query.shape
     hkv = key.shape[1]
-    logits = torch.bmm((query * scaling).reshape(b * hkv, hq // hkv, d), key.flatten(0, 1).transpose(1, 2))
+    logits = torch.bmm((query * scaling).reshape(b * hkv, hq // hkv, d), _batched(key, transpose=True))
     probs = torch.softmax(logits if logits.dtype in (torch.float32, torch.float64) else logits.float(), dim=-1)
-    out = torch.bmm(probs if probs.dtype == value.dtype else probs.to(value.dtype), value.flatten(0, 1))
+    out = torch.bmm(probs if probs.dtype == value.dtype else probs.to(value.dtype), _batched(value))
     return out.view(b, hq, 1, -1), probs
+
+
+def _batched(t: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``t [B, H, S, D]`` as ``[B * H, S, D]`` (``[B * H, D, S]`` with ``transpose``) for ``bmm``. When that is a
+    view it is kept on ``t`` itself (a cache layer hands the same held-slot view to every step with that many
+    slots); a copy is never kept, since it would not follow ``t``'s contents."""
+    name = "_kvprune_bmm_t" if transpose else "_kvprune_bmm"
+    view = getattr(t, name, None)
+    if view is None:
+        view = t.flatten(0, 1).transpose(1, 2) if transpose else t.flatten(0, 1)
+        if view.data_ptr() == t.data_ptr():
+            setattr(t, name, view)
+    return view
 
 
 def grouped_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
