@@ -51,8 +51,9 @@ def instrument() -> None:
     for name, part in parts.items():
         if hasattr(PruningLayer, name):  # drop_slots: decode evictions since this file's BENCHMARKS §9 "after"
             setattr(PruningLayer, name, timed(part, getattr(PruningLayer, name)))
-    for name in ("grouped_probs", "grouped_output", "sdpa_output"):
-        setattr(attention, name, timed("attention", getattr(attention, name)))
+    for name in ("grouped_probs", "grouped_output", "sdpa_output", "decode_row"):
+        if hasattr(attention, name):  # decode_row: the observed decode row's one function, since BENCHMARKS §9
+            setattr(attention, name, timed("attention", getattr(attention, name)))
     if hasattr(decode, "drop_together"):  # every layer's one-over drop at once (stacked buffers), since BENCHMARKS §9
         decode.drop_together = timed("gather", decode.drop_together)
     attention.estimate_observation = timed("scores", attention.estimate_observation)
