@@ -488,7 +488,7 @@ class PruningLayer(KVLayer):
         self._use_slots(last)
         self.in_position_order = self.eviction_due = False
         self.evictions += b * h if evicted is None else evicted
-        if not self.all_valid:
+        if not self.all_valid and (evicted is None or evicted < b * h):  # a padding slot went: maybe the last one
             self.all_valid = bool(self.valid.all())
         if self._aligned and h > 1 and not self.policy.shared_across_heads:  # shared: every head drops alike
             self.heads_aligned = None  # checked when asked
