@@ -96,15 +96,17 @@ def test_k1_is_the_default_and_bad_values_are_refused():
     ("streaming", {"n_sink": 2}), ("keydiff", {"n_sink": 1}), ("random", {}), ("observed", {"recent": 0.25}),
 ])
 @pytest.mark.parametrize("lengths", [[30], [30, 21]])
-def test_one_over_fast_path_decides_as_the_general_path(method, params, lengths, monkeypatch):
-    """A decode step one slot over a token budget (every slot real) takes a few-op path; with it switched off,
-    the general sort-and-gather path keeps the same tokens and gives the same logits at every step."""
+@pytest.mark.parametrize("every", [1, 4])
+def test_few_over_fast_path_decides_as_the_general_path(method, params, lengths, every, monkeypatch):
+    """A decode step a few slots over a token budget (one, or ``evict_every`` at every k-th token) takes a few-op
+    path; with it switched off, the general sort-and-gather path keeps the same tokens and gives the same logits
+    at every step."""
     from kvprune.caches.layer import PruningLayer
 
     model = tiny_model()
     ids, mask = padded_batch(lengths)
     runs, fast_evictions = [], []
-    original = PruningLayer._evict_one_over
+    original = PruningLayer._evict_over
 
     def counted(self):
         before = self.evictions
@@ -113,8 +115,8 @@ def test_one_over_fast_path_decides_as_the_general_path(method, params, lengths,
         return done
 
     for fast in (True, False):
-        monkeypatch.setattr(PruningLayer, "_evict_one_over", counted if fast else (lambda self: False))
-        cache = kvprune.make_cache(model, method, 12, **params)
+        monkeypatch.setattr(PruningLayer, "_evict_over", counted if fast else (lambda self: False))
+        cache = kvprune.make_cache(model, method, 12, evict_every=every, **params)
         steps = [(logits, _kept(cache)) for logits in _steps(model, cache, ids, mask, 15)]
         runs.append(steps)
     assert any(fast_evictions), "the fast path evicted at some step"
@@ -142,32 +144,34 @@ def _chunked(model, cache, ids, mask, steps):
                                            ("keydiff", {"n_sink": 1}), ("a2sf", {"n_sink": 2})])
 @pytest.mark.parametrize("lengths", [[30], [30, 21], [30, 5]])
 @pytest.mark.parametrize("budget", [12, 0.4])
-def test_decode_evictions_of_all_layers_at_once_decide_as_each_layer_alone(method, params, lengths, budget):
+@pytest.mark.parametrize("every", [1, 4])
+def test_decode_evictions_of_all_layers_at_once_decide_as_each_layer_alone(method, params, lengths, budget, every):
     """Decode evictions are chosen for every layer together once the last layer has attended, and the newest slot
     moves into the victim's place (slots leave position order). Each layer evicting alone at once, and the general
     sort-and-gather path (which puts slots back in position order, here for a multi-token chunk between decode
     steps), keep the same tokens and give the same logits; after every forward each layer holds its budget
     (a token count, or a ratio of the tokens seen: one over at every other step). A row shorter than the budget
-    (``[30, 5]``) keeps padding slots for a while: they go first, and count as no eviction."""
+    (``[30, 5]``) keeps padding slots for a while: they go first, and count as no eviction. With
+    ``evict_every=4`` a step evicts 4 slots at once (the chunk 5 more), and the newest survivors fill the holes."""
     from kvprune.caches.layer import PruningLayer
 
     model = tiny_model()
     ids, mask = padded_batch(lengths)
     runs = []
     for mode in ("together", "alone", "general"):
-        cache = kvprune.make_cache(model, method, budget, **params)
+        cache = kvprune.make_cache(model, method, budget, evict_every=every, **params)
         if mode == "alone":
             for layer in cache.layers:
                 layer.deferred = None
-        original = PruningLayer._evict_one_over
+        original = PruningLayer._evict_over
         try:
             if mode == "general":
-                PruningLayer._evict_one_over = lambda self: False
+                PruningLayer._evict_over = lambda self: False
             steps = list(_chunked(model, cache, ids, mask, 6))
         finally:
-            PruningLayer._evict_one_over = original
+            PruningLayer._evict_over = original
         for layer in cache.layers:
-            assert bool((layer.kept() <= layer.capacity()[:, None]).all()) and not layer.eviction_due
+            assert bool((layer.kept() <= layer.capacity()[:, None] + every - 1).all()) and not layer.eviction_due
             assert layer.evicted() == int((layer.n_valid[:, None] - layer.kept()).sum())  # real tokens only
         if mode == "together" and (isinstance(budget, int) or len(lengths) == 1):  # rows of one capacity
             assert not all(layer.in_position_order for layer in cache.layers), "decode evictions moved slots"

@@ -191,7 +191,8 @@ def test_reset_and_new_prompts_free_the_shared_decode_buffers():
     assert held_bytes(cache) == held
 
 
-def test_layers_on_several_devices_keep_buffers_of_their_own():
+@pytest.mark.parametrize("every", [1, 3])
+def test_layers_on_several_devices_keep_buffers_of_their_own(every):
     """Layers whose keys live on different devices (a split ``device_map``) share no buffers: once a second
     device is seen, a layer holding a shared slice moves to buffers of its own at its next step, with the same
     logits and keep-sets as a cache that never shared (a CPU box has one device, so the second is declared)."""
@@ -199,14 +200,14 @@ def test_layers_on_several_devices_keep_buffers_of_their_own():
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     runs = []
     for split in (False, True):
-        cache = kvprune.make_cache(model, "h2o", 16)
+        cache = kvprune.make_cache(model, "h2o", 16, evict_every=every)
         logits = []
         with torch.no_grad():
             nxt = model(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
             assert all(layer.generation is not None for layer in cache.layers)
             if split:
                 cache.layers[0].stacked.register(torch.device("meta"))
-            for _ in range(4):
+            for _ in range(7):
                 out = model(input_ids=nxt, past_key_values=cache).logits[:, -1:]
                 logits.append(out)
                 nxt = out.argmax(-1)

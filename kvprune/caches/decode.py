@@ -1,10 +1,11 @@
-"""Decode-step eviction one slot over a token budget, for every layer of a cache at once.
+"""Decode-step eviction a few slots over the budget, for every layer of a cache at once.
 
-At a decode step under a token budget each (row, KV head) of each layer holds exactly one slot too many.
-The victims of all layers are chosen with one set of tensor ops once the last layer has attended (a
-step's cost is mostly per-op overhead, so one set instead of one per layer), and each layer then moves
-its newest slot into the victim's place instead of compacting the cache. Slots are therefore no longer in
-position order after a decode eviction; ranks, not slot indices, say which tokens are sinks and recent.
+At a decode step each (row, KV head) of each layer holds one slot too many (``evict_every=k``: k at every k-th
+token; a short chunk: its length). The victims of all layers are chosen with one set of tensor ops once the
+last layer has attended (a step's cost is mostly per-op overhead, so one set instead of one per layer), and
+each layer then moves its newest surviving slots into the victims' places instead of compacting the cache.
+Slots are therefore no longer in position order after a decode eviction; ranks, not slot indices, say which
+tokens are sinks and recent.
 """
 
 from __future__ import annotations
@@ -41,21 +42,36 @@ def one_over_victims(eff: torch.Tensor | None, ranks: torch.Tensor, first_recent
     return ranks.masked_fill(eff != low, -2).argmax(dim=-1, keepdim=True)  # -2: below a padding slot's rank -1
 
 
-class OneOver(Stacked, Protocol):
-    """A layer :func:`evict_one_over` serves: its ranks, validity and token counts, and the drop itself."""
+def few_over_victims(eff: torch.Tensor | None, ranks: torch.Tensor, first_recent: torch.Tensor, n_sink: int,
+                     valid: torch.Tensor | None, over: int) -> torch.Tensor:
+    """The ``over`` slots each (…, row, head) drops, ``[..., B, H, over]``: :func:`one_over_victims`'s rule applied
+    ``over`` times at once (padding first, then the lowest scores on the grid, the newest among equals)."""
+    if over == 1:
+        return one_over_victims(eff, ranks, first_recent, n_sink, valid)
+    eff = torch.zeros(ranks.shape, device=ranks.device) if eff is None else rank_grid(eff)
+    eff.masked_fill_((ranks < n_sink) | (ranks >= first_recent), float("inf"))
+    if valid is not None:
+        eff.masked_fill_(~valid, float("-inf"))
+    newest_first = ranks.argsort(dim=-1, descending=True, stable=True)
+    lowest = eff.gather(-1, newest_first).argsort(dim=-1, stable=True)[..., :over]  # stable: newest among equals
+    return newest_first.gather(-1, lowest)
+
+
+class Over(Stacked, Protocol):
+    """A layer :func:`evict_over` serves: its ranks, validity and token counts, and the drop itself."""
 
     ranks: torch.Tensor
     valid: torch.Tensor
     n_valid: torch.Tensor
     all_valid: bool
 
-    def drop_slots(self, victim: torch.Tensor, evicted: int | None = None) -> None: ...
+    def drop_slots(self, victims: torch.Tensor, evicted: int) -> None: ...
 
 
-def evict_one_over(members: list[tuple[OneOver, torch.Tensor | None]], recent: int, n_sink: int) -> None:
-    """Evict one slot of each (row, head) of every layer in ``members`` (layer, its eviction scores or None for all
-    alike; layers of one shape), protecting ``n_sink`` sinks and the ``recent`` newest tokens, with one set of ops
-    for all of them."""
+def evict_over(members: list[tuple[Over, torch.Tensor | None]], recent: int, n_sink: int, over: int) -> None:
+    """Evict ``over`` slots of each (row, head) of every layer in ``members`` (layer, its eviction scores or None for
+    all alike; layers of one shape, each ``over`` slots over its budget), protecting ``n_sink`` sinks and the
+    ``recent`` newest tokens, with one set of ops for all of them."""
     layers = [layer for layer, _ in members]
     padded = not all(layer.all_valid for layer in layers)
     ranks = torch.stack([layer.ranks for layer in layers])
@@ -63,40 +79,42 @@ def evict_one_over(members: list[tuple[OneOver, torch.Tensor | None]], recent: i
     first_recent = (n_valid - recent).view(*n_valid.shape, 1, 1)
     valid = torch.stack([layer.valid for layer in layers]) if padded else None
     eff = None if members[0][1] is None else torch.stack([e for _, e in members])
-    victims = one_over_victims(eff, ranks, first_recent, n_sink, valid)
+    victims = few_over_victims(eff, ranks, first_recent, n_sink, valid, over)
     # a padding victim is no eviction: count the real ones (one sync for every layer)
-    evicted = valid.gather(-1, victims).flatten(1).sum(1).tolist() if padded else [None] * len(layers)
+    evicted = valid.gather(-1, victims).flatten(1).sum(1).tolist() if padded else [victims[0].numel()] * len(layers)
     if not drop_together(layers, victims, evicted):  # one op per kind for all layers when their buffers are stacked
-        for layer, victim, n in zip(layers, victims.unbind(0), evicted):
-            layer.drop_slots(victim, n)
+        for layer, layer_victims, n in zip(layers, victims.unbind(0), evicted):
+            layer.drop_slots(layer_victims, n)
 
 
 class DeferredEvictions:
-    """The one-over decode evictions of a cache's ``n_layers`` layers, held until each has finished its step.
+    """The decode evictions of a cache's ``n_layers`` layers, each a few slots over its budget, held until every
+    layer has finished its step.
 
     A layer hands over its eviction scores (:meth:`defer`); when every layer has, the victims are chosen
-    together (layers of one shape, window and sink count at once) and each layer drops its own. A forward
+    together (layers of one shape, window, sink count and excess at once) and each layer drops its own. A forward
     that ends early leaves some due: the next ``update`` of any layer (or a row selection) flushes them first.
     """
 
     def __init__(self, n_layers: int) -> None:
         self.n_layers = n_layers
-        self.due: list[tuple[OneOver, torch.Tensor | None, int, int]] = []
+        self.due: list[tuple[Over, torch.Tensor | None, int, int, int]] = []
 
-    def defer(self, layer: OneOver, eff: torch.Tensor | None, recent: int, n_sink: int) -> None:
-        """Evict one slot of each (row, head) of ``layer`` by ``eff``, protecting ``recent`` newest and ``n_sink``."""
-        self.due.append((layer, eff, recent, n_sink))
+    def defer(self, layer: Over, eff: torch.Tensor | None, recent: int, n_sink: int, over: int) -> None:
+        """Evict ``over`` slots of each (row, head) of ``layer`` by ``eff``, protecting ``recent`` newest and
+        ``n_sink`` first tokens."""
+        self.due.append((layer, eff, recent, n_sink, over))
         if len(self.due) >= self.n_layers:
             self.flush()
 
-    def discard(self, layer: OneOver) -> None:
+    def discard(self, layer: Over) -> None:
         self.due = [d for d in self.due if d[0] is not layer]
 
     def flush(self) -> None:
         due, self.due = self.due, []
-        groups: dict[tuple, list[tuple[OneOver, torch.Tensor]]] = {}
-        for layer, eff, recent, n_sink in due:
-            key = (tuple(layer.ranks.shape), layer.ranks.device, eff is None, recent, n_sink)
+        groups: dict[tuple, list[tuple[Over, torch.Tensor | None]]] = {}
+        for layer, eff, recent, n_sink, over in due:
+            key = (tuple(layer.ranks.shape), layer.ranks.device, eff is None, recent, n_sink, over)
             groups.setdefault(key, []).append((layer, eff))
-        for (*_, recent, n_sink), members in groups.items():
-            evict_one_over(members, recent, n_sink)
+        for (*_, recent, n_sink, over), members in groups.items():
+            evict_over(members, recent, n_sink, over)

@@ -17,10 +17,14 @@ from ..policies.base import rank_grid
 from .base import KVLayer, check_layout, grown, room
 from .budget import Budget
 from .contract import bind
-from .decode import DeferredEvictions, evict_one_over
+from .decode import DeferredEvictions, evict_over
 from .stacked import FREE_SLOT, Generation, StackedSlots, move_newest
 
 INDEX_DTYPE = torch.int32
+#: a decode eviction of at most this many slots per (row, head) (``evict_every`` up to it, a short chunk) takes the
+#: few-slot path, deferred until every layer has attended; more (a long prompt) compacts layer by layer, so a
+#: prompt never holds every layer's full buffers at once
+FEW_OVER_MAX = 64
 
 
 def take_slots(t: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -275,7 +279,7 @@ class PruningLayer(KVLayer):
         if self.deferred is not None:
             self.deferred.discard(self)
         self.eviction_due = False  # handed to ``deferred``, not yet dropped
-        #: drop_slots' (held slots - 1, flat views of the buffers, each (row, head)'s first flat slot, its last)
+        #: drop_slots' (held slots, flat views of the buffers, each (row, head)'s first flat slot, its last one)
         self._flat: tuple | None = None
         self._join(None)
         self.sealed = False  # prefill_only and past the first forward: no scores, no eviction
@@ -396,7 +400,7 @@ class PruningLayer(KVLayer):
         return self.valid & ((self.ranks < self.policy.n_sink) | (self.ranks >= first_recent))
 
     def evict(self) -> None:
-        if self._evict_one_over():
+        if self._evict_over():
             return
         caps = self.capacity()
         if caps is None:
@@ -412,7 +416,7 @@ class PruningLayer(KVLayer):
             eff = self.policy.eviction_scores(eff, self.policy_keys(), self.ranks, self.valid, self.n_valid)
         eff = rank_grid(eff).masked_fill(self.protected(caps), float("inf")).masked_fill(~self.valid, float("-inf"))
         # stable sort: among equal scores the older token (earlier slot) wins, deterministically (a decode step one
-        # over every row's budget takes _evict_one_over instead, which decides the same)
+        # over every row's budget takes _evict_over instead, which decides the same)
         order = eff.sort(dim=-1, descending=True, stable=True).indices[..., :cap]
         keep, perm = order.sort(dim=-1)
         before = int(self.valid.sum())
@@ -427,11 +431,12 @@ class PruningLayer(KVLayer):
         if self._aligned:  # once heads diverge they are treated as unaligned (a per-head mask)
             self.heads_aligned = None  # checked when asked
 
-    def _evict_one_over(self) -> bool:
-        """The common decode step: every row has the same budget and each (row, KV head) holds exactly one slot
-        over it (padding slots count, and go first). The victim (:func:`~kvprune.caches.decode.one_over_victims`,
-        what the general path decides) is chosen with the other layers' once they have attended (``deferred``),
-        or now. False: the general path must run."""
+    def _evict_over(self) -> bool:
+        """The common decode step: every row has the same budget and each (row, KV head) holds the same few slots
+        over it (one at a decode step; k with ``evict_every=k``; a short chunk's length; padding slots count, and go
+        first). The victims (:func:`~kvprune.caches.decode.few_over_victims`, what the general path decides) are
+        chosen with the other layers' once they have attended (``deferred``), or now. False: the general path
+        must run (most slots go, as after a long prompt, or rows have different budgets)."""
         budget = self.budget
         if budget is None or not self.policy.evicts:
             return False
@@ -447,7 +452,8 @@ class PruningLayer(KVLayer):
         s = self.keys.shape[-2]
         if s <= cap:
             return True  # no row holds more than its budget: nothing to evict
-        if s != cap + 1:
+        over = s - cap
+        if over > min(cap, FEW_OVER_MAX):
             return False
         eff = self.scores if self.policy.scored else None  # None: nothing scored, protection alone decides
         if type(self.policy).eviction_scores is not Policy.eviction_scores:
@@ -455,24 +461,24 @@ class PruningLayer(KVLayer):
         recent = max(1, self.policy.recent_count(cap))
         if self.deferred is not None:
             self.eviction_due = True
-            self.deferred.defer(self, eff, recent, self.policy.n_sink)
+            self.deferred.defer(self, eff, recent, self.policy.n_sink, over)
         else:
-            evict_one_over([(self, eff)], recent, self.policy.n_sink)
+            evict_over([(self, eff)], recent, self.policy.n_sink, over)
         return True
 
-    def drop_slots(self, victim: torch.Tensor, evicted: int | None = None) -> None:
-        """Drop slot ``victim [B, H, 1]`` of each (row, KV head), which holds one slot over: the newest slot moves
-        into its place (a copy of one slot, not of the cache) and the last slot becomes the free one again.
-        ``evicted``: how many victims were real tokens (None: all; a padding victim is no eviction)."""
-        last = self.keys.shape[-2] - 1
-        if self._flat is None or self._flat[0] != last:  # flat views of the buffers, made once per buffers and size
+    def drop_slots(self, victims: torch.Tensor, evicted: int) -> None:
+        """Drop slots ``victims [B, H, m]`` of each (row, KV head), which holds ``m`` slots over: the newest surviving
+        slots move into their places (a copy of ``m`` slots, not of the cache) and the last ``m`` become free again.
+        ``evicted``: how many victims were real tokens (a padding victim is no eviction)."""
+        held = self.keys.shape[-2]
+        if self._flat is None or self._flat[0] != held:  # flat views of the buffers, made once per buffers and size
             b, h, size = self._bufs[0].shape[:3]
-            starts = torch.arange(b * h, device=self.device) * size  # each (row, head)'s first slot, flat
+            starts = (torch.arange(b * h, device=self.device) * size).view(b, h, 1)  # each (row, head)'s slot 0, flat
             flat = tuple(t.view(b * h * size, -1) if t.dim() == 4 else t.view(-1) for t in self._bufs)
-            self._flat = (last, flat, starts, starts + last)
-        _, views, starts, src = self._flat
-        move_newest(views, victim.view(-1) + starts, src, self.moved_kinds(), self.n_seen - 1)
-        self.after_drop(evicted, last)
+            self._flat = (held, flat, starts, (starts + held - 1).view(-1))
+        _, views, starts, last = self._flat
+        move_newest(views, victims, starts, held, last, self.moved_kinds(), self.n_seen - 1)
+        self.after_drop(evicted, held - victims.shape[-1])
 
     def moved_kinds(self) -> tuple[int, ...]:
         """The buffers a drop copies (indices into keys, values, positions, ranks, valid, scores) besides positions
@@ -481,14 +487,14 @@ class PruningLayer(KVLayer):
         return ((0, 1) + ((5,) if self.policy.scored else ()) + (() if self.ranks_are_positions else (3,))
                 + (() if self.all_valid else (4,)))
 
-    def after_drop(self, evicted: int | None, last: int) -> None:
-        """Bookkeeping once each (row, head)'s newest slot has moved into its victim's place: ``last`` slots are held;
-        ``evicted`` victims were real tokens (None: all)."""
-        b, h = self.keys.shape[:2]
-        self._use_slots(last)
+    def after_drop(self, evicted: int, held: int) -> None:
+        """Bookkeeping once the newest surviving slots have moved into the victims' places: ``held`` slots are held
+        now; ``evicted`` victims were real tokens."""
+        b, h, s = self.keys.shape[:3]
+        self._use_slots(held)
         self.in_position_order = self.eviction_due = False
-        self.evictions += b * h if evicted is None else evicted
-        if not self.all_valid and (evicted is None or evicted < b * h):  # a padding slot went: maybe the last one
+        self.evictions += evicted
+        if not self.all_valid and evicted < b * h * (s - held):  # a padding slot went: maybe the last one
             self.all_valid = bool(self.valid.all())
         if self._aligned and h > 1 and not self.policy.shared_across_heads:  # shared: every head drops alike
             self.heads_aligned = None  # checked when asked

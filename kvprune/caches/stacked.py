@@ -104,17 +104,18 @@ class Stacked(Protocol):
 
     def moved_kinds(self) -> tuple[int, ...]: ...
 
-    def after_drop(self, evicted: int | None, last: int) -> None: ...
+    def after_drop(self, evicted: int, held: int) -> None: ...
 
 
 #: what a free slot holds, by kind (keys, values, positions, ranks, valid, scores); None: written by the append
 FREE_SLOT = (None, None, None, -1, True, 0.0)
 
 
-def drop_together(layers: list[Stacked], victims: torch.Tensor, evicted: list[int | None]) -> bool:
-    """Drop slot ``victims [L, B, H, 1]`` of each layer in ``layers`` (each one slot over, all in one generation
-    with the same held count and storage flags): every layer's newest slot moves into its victim's place with one
-    op per kind. False (nothing done) when the layers do not share a generation that way."""
+def drop_together(layers: list[Stacked], victims: torch.Tensor, evicted: list[int]) -> bool:
+    """Drop slots ``victims [L, B, H, m]`` of each layer in ``layers`` (each ``m`` slots over, all in one generation
+    with the same held count and storage flags; ``evicted``: how many victims were real tokens, per layer): every
+    layer's newest surviving slots move into its victims' places with one op per kind. False (nothing done) when
+    the layers do not share a generation that way."""
     gen = layers[0].generation
     s, n = layers[0].keys.shape[-2], layers[0].n_seen
     kinds = layers[0].moved_kinds()
@@ -123,18 +124,38 @@ def drop_together(layers: list[Stacked], victims: torch.Tensor, evicted: list[in
         for layer in layers
     ):
         return False
-    views, starts, src = gen.flat(s - 1, tuple(layer.layer_idx for layer in layers))
-    move_newest(views, (victims + starts).view(-1), src, kinds, n - 1)
+    views, starts, last = gen.flat(s - 1, tuple(layer.layer_idx for layer in layers))
+    move_newest(views, victims, starts, s, last, kinds, n - 1)
     for layer, count in zip(layers, evicted):
-        layer.after_drop(count, s - 1)
+        layer.after_drop(count, s - victims.shape[-1])
     return True
 
 
-def move_newest(views: tuple[torch.Tensor, ...], dst: torch.Tensor, src: torch.Tensor, kinds: tuple[int, ...],
-                newest_position: int) -> None:
-    """Copy flat slots ``src`` (the newest) into ``dst`` (the victims) in each of ``kinds`` of the flat buffer views,
-    write ``newest_position`` as the victims' position, then give the freed ``src`` slots their free-slot defaults."""
-    views[2].index_fill_(0, dst, newest_position)
+def refill_pairs(victims: torch.Tensor, held: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where slots move when ``victims [..., m]`` (distinct slots among ``held``) are dropped and the last ``m`` slots
+    given up: ``(dst, src)``, ``[..., m]`` each. Each victim below ``held - m`` (a hole) gets one of the last ``m``
+    that survives; the pairs left over copy one given-up slot onto another (harmless)."""
+    m = victims.shape[-1]
+    dst = victims.sort(dim=-1).values  # the holes first
+    given_up = torch.zeros((*victims.shape[:-1], held), dtype=torch.bool, device=victims.device)
+    given_up.scatter_(-1, victims, True)
+    src = given_up[..., held - m :].to(torch.int8).argsort(dim=-1, stable=True) + (held - m)  # survivors first
+    return dst, src
+
+
+def move_newest(views: tuple[torch.Tensor, ...], victims: torch.Tensor, starts: torch.Tensor, held: int,
+                last: torch.Tensor, kinds: tuple[int, ...], newest_position: int) -> None:
+    """Drop slots ``victims [..., B, H, m]`` of ``held`` from flat buffer views whose (row, head)s start at flat
+    ``starts [..., B, H, 1]``: the newest surviving slots move into the victims' places in each of ``kinds`` (and
+    positions), and the last ``m`` slots get their free-slot defaults. One victim: the newest slot (flat ``last``)
+    moves, and its position is written (``newest_position``), not copied."""
+    if victims.shape[-1] == 1:
+        dst, src = (victims + starts).view(-1), last
+        views[2].index_fill_(0, dst, newest_position)
+    else:
+        dst, src = refill_pairs(victims, held)
+        dst, src = (dst + starts).view(-1), (src + starts).view(-1)
+        kinds = (2, *kinds)
     for k in kinds:
         views[k].index_copy_(0, dst, views[k].index_select(0, src))
     for k in kinds:
