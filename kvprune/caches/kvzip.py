@@ -21,7 +21,8 @@ from ..errors import InvalidParameterError
 from ..policies.base import rank_grid
 from ..policies.kvzip import KVzip
 from .cache import PruningCache
-from .layer import INDEX_DTYPE, PruningLayer
+from .layer import PruningLayer
+from .slots import INDEX_DTYPE
 
 STAGES: tuple[str, ...] = ("context", "replay", "done")
 

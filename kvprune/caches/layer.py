@@ -1,9 +1,8 @@
-"""One layer of a pruning cache: kept keys/values per (row, KV head) with their positions and scores.
+"""One layer of a pruning cache: its policy's scores, masks and evictions over its slots (:mod:`.slots`).
 
-Tensors are rectangular ``[batch, kv_heads, slots, ...]``; a slot that holds no token (padding)
-has ``valid == False`` and is masked out. ``positions`` is each token's logical index in the
-stream (what transformers calls its cache position); ``ranks`` is its index among the row's
-valid tokens, which is what sinks and recent windows are counted in.
+The attention function drives it (:mod:`.contract`): new tokens are appended, their padding and initial
+scores recorded, the observation folded into the scores, and the layer evicted down to its budget, a few
+slots at a decode step together with the other layers (:mod:`.decode`), or by compacting the kept slots.
 """
 
 from __future__ import annotations
@@ -14,86 +13,28 @@ from ..distributed import parallel_of
 from ..errors import BatchMismatchError, CacheUsageError, UnsupportedGenerationModeError
 from ..policies import Policy
 from ..policies.base import rank_grid
-from .base import KVLayer, check_layout, grown, room
+from .base import check_layout, room
 from .budget import Budget
 from .contract import bind
 from .decode import DeferredEvictions, evict_over
-from .stacked import FREE_SLOT, Generation, StackedSlots, move_newest
+from .slots import INDEX_DTYPE, SlotLayer
+from .stacked import StackedSlots
 
-INDEX_DTYPE = torch.int32
 #: a decode eviction of at most this many slots per (row, head) (``evict_every`` up to it, a short chunk) takes the
 #: few-slot path, deferred until every layer has attended; more (a long prompt) compacts layer by layer, so a
 #: prompt never holds every layer's full buffers at once
 FEW_OVER_MAX = 64
 
 
-def take_slots(t: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``t[b, h, keep[b, h, c], :]`` as ``[B, H, C, D]``: one row-wise ``index_select`` (several times faster
-    than ``gather`` with an index expanded over ``D``, which reads an index per element). ``out``: a contiguous
-    ``[B, H, C, D]`` tensor to write into."""
-    b, h, s, d = t.shape
-    base = torch.arange(b * h, device=t.device).view(b, h, 1) * s
-    flat = (keep.long() + base).reshape(-1)
-    if out is not None:
-        torch.index_select(t.reshape(b * h * s, d), 0, flat, out=out.view(-1, d))
-        return out
-    return t.reshape(b * h * s, d).index_select(0, flat).view(b, h, keep.shape[-1], d)
-
-
-def _held_view(i: int) -> property:
-    """Metadata tensor ``i`` (positions, ranks, valid, scores): a view of the held slots of its buffer, made on
-    first use after each append (the hot decode path touches two of the four), or a tensor assigned directly."""
-
-    def get(self: "PruningLayer") -> torch.Tensor | None:
-        view = self._meta[i]
-        if view is None and self._bufs is not None:
-            view = self._meta[i] = self._bufs[2 + i][:, :, : self._held]
-        return view
-
-    def set(self: "PruningLayer", value: torch.Tensor | None) -> None:
-        self._meta[i] = value
-
-    return property(get, set)
-
-
 def _is_compiling() -> bool:
     return bool(getattr(torch, "compiler", None) and torch.compiler.is_compiling())
 
 
-class PruningLayer(KVLayer):
-    """Per-layer storage with the policy's score state; evicts down to the budget after each forward."""
+class PruningLayer(SlotLayer):
+    """Per-layer slots with the policy's score state; evicts down to the budget after each forward."""
 
     #: the shared attention path computes this layer's attention (kvprune.caches.contract)
     own_attention = None
-    #: the shared buffers this layer's are slices of (:mod:`.stacked`); None: buffers of its own
-    generation: Generation | None = None
-
-    positions = _held_view(0)
-    _ranks = _held_view(1)
-    valid = _held_view(2)
-    scores = _held_view(3)
-
-    @property
-    def ranks(self) -> torch.Tensor | None:
-        """Each slot's index among its row's real tokens seen: the position itself until a padding token is seen
-        (then a tensor of its own), so unpadded steps neither write nor move ranks."""
-        return self.positions if self.ranks_are_positions else self._ranks
-
-    @ranks.setter
-    def ranks(self, value: torch.Tensor | None) -> None:
-        self._ranks = value
-
-    @property
-    def heads_aligned(self) -> bool:
-        """Whether every KV head of a row holds the same positions in the same slots (one mask serves them all);
-        checked when first asked after a decode eviction that may have split them."""
-        if self._aligned is None:
-            self._aligned = bool((self.positions == self.positions[:, :1]).all())
-        return self._aligned
-
-    @heads_aligned.setter
-    def heads_aligned(self, value: bool | None) -> None:
-        self._aligned = value
 
     def __init__(self, layer_idx: int, policy: Policy, budget: Budget | None) -> None:
         super().__init__()
@@ -110,20 +51,7 @@ class PruningLayer(KVLayer):
 
     # -- transformers' layer contract --------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, _ = key_states.shape
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_empty((b, h, 0, key_states.shape[-1]))
-        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
-        self.positions = torch.empty((b, h, 0), dtype=INDEX_DTYPE, device=self.device)
-        self.ranks = torch.empty((b, h, 0), dtype=INDEX_DTYPE, device=self.device)
-        self.valid = torch.empty((b, h, 0), dtype=torch.bool, device=self.device)
-        self.scores = torch.empty((b, h, 0), dtype=torch.float32, device=self.device)
-        self.n_valid = torch.zeros(b, dtype=torch.int64, device=self.device)
-        self._bufs = self._flat = None
-        self._join(None)
-        self._views = {}
-        if self.stacked is not None:
-            self.stacked.register(self.device)
+        self._init_slots(key_states, value_states)
         self.is_initialized = True
 
     def update(
@@ -183,73 +111,6 @@ class PruningLayer(KVLayer):
     def frozen(self, value: bool) -> None:
         self.sealed = value
 
-    # -- storage: buffers with free slots at the end; keys, values and metadata are views of their front
-    def _use_slots(self, n: int) -> None:
-        # the views of n held slots are kept for the buffers' life: a decode step that evicts alternates between
-        # two counts (budget + 1 while attending, budget after), so it makes no views at all
-        views = self._views.get(n)
-        if views is None:
-            if len(self._views) >= 2:
-                self._views.clear()
-            views = self._views[n] = (self._bufs[0][:, :, :n], self._bufs[1][:, :, :n], [None, None, None, None])
-        self.keys, self.values, self._meta = views  # metadata views are made when first used
-        self._held = n
-
-    def _reserve(self, slots: int, stacked: bool = False) -> None:
-        """Move the held slots to the front of new buffers of ``slots`` slots; the rest are free, with defaults.
-        ``stacked``: the buffers may be this layer's slices of the cache's shared ones (:mod:`.stacked`)."""
-        n = self.keys.shape[-2]
-        held = (self.keys, self.values, self.positions, self.ranks, self.valid, self.scores)
-        bufs = self._new_buffers(held, slots, stacked)
-        if bufs is None:
-            bufs = tuple(grown(t, n, slots, 2, default) for t, default in zip(held, FREE_SLOT))
-        else:
-            for t, buf, default in zip(held, bufs, FREE_SLOT):
-                buf[:, :, :n] = t
-                if default is not None:
-                    buf[:, :, n:] = default
-        self._bufs, self._flat, self._views = bufs, None, {}
-        self._use_slots(n)
-
-    def _adopt(self, keep: torch.Tensor, stacked: bool = False) -> None:
-        """Hold exactly the slots ``keep [B, H, C]`` (in that order), plus one free slot for the next token.
-        ``stacked``: the buffers may be this layer's slices of the cache's shared ones (:mod:`.stacked`)."""
-        b, h, c = keep.shape
-        idx = torch.cat([keep, keep[..., -1:]], dim=-1)  # the free slot starts as a copy: overwritten by the next token
-        kv = self._kv_storage()
-        meta = (self.positions, self.ranks, self.valid, self.scores)
-        bufs = self._new_buffers((*kv, *meta), c + 1, stacked)
-        if bufs is None:
-            bufs = (*(take_slots(t, idx) for t in kv), *(t.gather(2, idx) for t in meta))
-        else:
-            for t, buf in zip(kv, bufs):
-                take_slots(t, idx, out=buf)
-            for t, buf in zip(meta, bufs[2:]):
-                torch.gather(t, 2, idx, out=buf)
-        for t, default in zip(bufs[2:], FREE_SLOT[2:]):
-            if default is not None:
-                t[:, :, c:] = default
-        self._bufs, self._flat, self._views = bufs, None, {}
-        self._use_slots(c)
-
-    def _new_buffers(self, like: tuple[torch.Tensor, ...], slots: int, stacked: bool) -> tuple[torch.Tensor, ...] | None:
-        """This layer's slices of the cache's shared buffers when ``stacked`` and the layout allows, else None
-        (the caller allocates the layer's own); sets :attr:`generation` either way."""
-        taken = self.stacked.take(self.layer_idx, like, slots) if stacked and self.stacked is not None else None
-        self._join(None if taken is None else taken[0])
-        return None if taken is None else taken[1]
-
-    def _join(self, gen: Generation | None) -> None:
-        """Hold buffers of generation ``gen`` (None: of the layer's own), letting go of the previous one."""
-        old = self.generation
-        if old is not None and old is not gen and self.stacked is not None:
-            self.stacked.release(self.layer_idx, old)
-        self.generation = gen
-
-    def _kv_storage(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Contiguous tensors whose first slots are ``keys`` / ``values`` (the buffers, or the tensors themselves)."""
-        return self._bufs[:2] if self._bufs is not None else (self.keys.contiguous(), self.values.contiguous())
-
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         """Logical sizes: the mask function hands the whole 2D padding mask to kvprune's attention."""
         q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
@@ -260,28 +121,12 @@ class PruningLayer(KVLayer):
         return self.n_seen
 
     def reset(self) -> None:
-        self._meta: list[torch.Tensor | None] = [None, None, None, None]
-        #: held slots -> (keys, values, metadata views) of the current buffers (see _use_slots)
-        self._views: dict[int, tuple] = {}
-        #: (keys, values, positions, ranks, valid, scores) buffers; the held slots are their first ``physical_length``
-        self._bufs: tuple[torch.Tensor, ...] | None = None
-        self._held = 0
-        self.keys = self.values = None
-        self.positions = self.ranks = self.valid = self.scores = None
-        self.n_valid: torch.Tensor | None = None
-        self.ranks_are_positions = True  # no padding token seen yet: a token's rank is its position
+        self._reset_slots()
         self.n_seen = 0
         self.pending = 0
-        self.evictions = 0
-        self.heads_aligned = True  # None: not known (checked from positions when asked)
-        self.all_valid = True  # no slot is padding (lets decode steps skip the mask)
-        self.in_position_order = True  # False after a decode eviction moved the newest slot into the victim's
         if self.deferred is not None:
             self.deferred.discard(self)
         self.eviction_due = False  # handed to ``deferred``, not yet dropped
-        #: drop_slots' (held slots, flat views of the buffers, each (row, head)'s first flat slot, its last one)
-        self._flat: tuple | None = None
-        self._join(None)
         self.sealed = False  # prefill_only and past the first forward: no scores, no eviction
         self.resting = False  # this step neither evicts nor keeps what it would observe (see ``frozen``)
         self.is_initialized = False
@@ -289,14 +134,7 @@ class PruningLayer(KVLayer):
     def select_rows(self, index: torch.Tensor) -> None:
         if self.eviction_due:
             self.deferred.flush()
-        index = index.to(self.device)
-        for name in ("keys", "values", "positions", "ranks", "valid", "scores", "n_valid"):
-            setattr(self, name, getattr(self, name).index_select(0, index))
-        self._bufs = self._flat = None  # the next token reserves new buffers
-        self._join(None)
-        self._views = {}
-        self.all_valid = bool(self.valid.all())
-        self.heads_aligned = None  # checked when asked
+        self._select_slot_rows(index)
 
     # -- the kvprune side: called by the attention function ------------------------------------
     def observe_padding(self, new_valid: torch.Tensor | None) -> None:
@@ -327,17 +165,6 @@ class PruningLayer(KVLayer):
             extra = {"head_offset": parallel_of(self).head_offset(h)} if keyed else {}
             init = self.policy.initial_scores(self.policy_keys(q), self.ranks[..., -q:].long(), self.layer_idx, **extra)
             self.scores[..., -q:] = init.to(torch.float32).expand(b, h, q)
-
-    def _split_ranks(self) -> None:
-        """A padding token is about to be seen: ranks get a tensor of their own (the positions so far, -1 free)."""
-        self.ranks_are_positions = False
-        if self._bufs is None:
-            self._ranks = self.positions.clone()
-            return
-        held, buf = self._held, self._bufs[3]
-        buf[:, :, :held].copy_(self._bufs[2][:, :, :held])
-        buf[:, :, held:] = FREE_SLOT[3]
-        self._meta[1] = None
 
     def attention_allowed(self, n_queries: int, sliding_window: int | None = None) -> torch.Tensor | None:
         """Which slots each new query may attend: ``[B, H or 1, q, S]`` bool, from positions and validity.
@@ -466,38 +293,17 @@ class PruningLayer(KVLayer):
             evict_over([(self, eff)], recent, self.policy.n_sink, over)
         return True
 
-    def drop_slots(self, victims: torch.Tensor, evicted: int) -> None:
-        """Drop slots ``victims [B, H, m]`` of each (row, KV head), which holds ``m`` slots over: the newest surviving
-        slots move into their places (a copy of ``m`` slots, not of the cache) and the last ``m`` become free again.
-        ``evicted``: how many victims were real tokens (a padding victim is no eviction)."""
-        held = self.keys.shape[-2]
-        if self._flat is None or self._flat[0] != held:  # flat views of the buffers, made once per buffers and size
-            b, h, size = self._bufs[0].shape[:3]
-            starts = (torch.arange(b * h, device=self.device) * size).view(b, h, 1)  # each (row, head)'s slot 0, flat
-            flat = tuple(t.view(b * h * size, -1) if t.dim() == 4 else t.view(-1) for t in self._bufs)
-            self._flat = (held, flat, starts, (starts + held - 1).view(-1))
-        _, views, starts, last = self._flat
-        move_newest(views, victims, starts, held, last, self.moved_kinds(), self.n_seen - 1)
-        self.after_drop(evicted, held - victims.shape[-1])
-
-    def moved_kinds(self) -> tuple[int, ...]:
-        """The buffers a drop copies (indices into keys, values, positions, ranks, valid, scores) besides positions
-        (the newest slot's is always the newest token's, ``n_seen - 1``: filled, not copied): scores only when the
-        policy scores, ranks only once they differ from positions, validity only once some slot is padding."""
-        return ((0, 1) + ((5,) if self.policy.scored else ()) + (() if self.ranks_are_positions else (3,))
-                + (() if self.all_valid else (4,)))
-
     def after_drop(self, evicted: int, held: int) -> None:
-        """Bookkeeping once the newest surviving slots have moved into the victims' places: ``held`` slots are held
-        now; ``evicted`` victims were real tokens."""
-        b, h, s = self.keys.shape[:3]
-        self._use_slots(held)
-        self.in_position_order = self.eviction_due = False
-        self.evictions += evicted
-        if not self.all_valid and evicted < b * h * (s - held):  # a padding slot went: maybe the last one
-            self.all_valid = bool(self.valid.all())
-        if self._aligned and h > 1 and not self.policy.shared_across_heads:  # shared: every head drops alike
-            self.heads_aligned = None  # checked when asked
+        super().after_drop(evicted, held)
+        self.eviction_due = False
+
+    @property
+    def moves_scores(self) -> bool:
+        return self.policy.scored
+
+    @property
+    def heads_drop_alike(self) -> bool:
+        return self.policy.shared_across_heads
 
     def policy_keys(self, new: int = 0) -> torch.Tensor:
         """The keys a policy reads, ``[B, H, S, D]`` float: the ``new`` newest slots, or every held slot with 0
@@ -505,8 +311,5 @@ class PruningLayer(KVLayer):
         return self.keys[..., -new:, :] if new else self.keys
 
     # -- introspection (kvprune.caches.base.KVLayer) --------------------------------------------
-    def kept(self) -> torch.Tensor:
-        return self.valid.sum(-1)
-
     def evicted(self) -> int:
         return self.evictions
