@@ -306,3 +306,25 @@ def test_stats_report_packed_bytes(bits, per_vector):
         assert s.kv_bytes == vectors * (k_bytes + v_bytes)
         assert f.kv_bytes == vectors * 2 * 16 * 4
         assert isinstance(cache, QuantizedPruningCache) and "kv_bits" in repr(cache)
+
+
+@pytest.mark.parametrize("method", ["h2o", "streaming"])
+@pytest.mark.parametrize("every", [1, 4])
+def test_quantized_decode_evictions_decide_as_the_general_path(method, every, monkeypatch):
+    """Packed keys and values move with the few-slot decode eviction like float ones: with it switched off, the
+    general sort-and-gather path keeps the same tokens and gives the same logits (a padded batch)."""
+    from test_amortised_eviction import _kept, _steps
+
+    from kvprune.caches.layer import PruningLayer
+
+    model = tiny_model()
+    runs = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(PruningLayer, "_evict_over", lambda self: False)
+        ids, mask = padded_batch([30, 21])
+        cache = kvprune.make_cache(model, method, 12, evict_every=every, kv_bits=8)
+        runs.append([(logits, _kept(cache)) for logits in _steps(model, cache, ids, mask, 12)])
+    for (la, ka), (lb, kb) in zip(*runs):
+        assert ka == kb
+        torch.testing.assert_close(la, lb)
