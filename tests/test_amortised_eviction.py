@@ -1,4 +1,4 @@
-"""``evict_every=k``: one-token steps evict a block every k tokens; the bound and the equivalences that must hold."""
+"""``evict_every=k``: one-token steps evict a block at every k-th of them; the bound and the equivalences that must hold."""
 
 from __future__ import annotations
 
@@ -41,12 +41,12 @@ def test_bound_holds_and_budget_is_met_every_kth_token(method, budget, k):
     ids, mask = padded_batch([30, 21])
     params = {"window": 4} if method == "snapkv" else {}
     cache = kvprune.make_cache(model, method, budget, evict_every=k, **params)
-    for _ in _steps(model, cache, ids, mask, 17):
+    for step, _ in enumerate(_steps(model, cache, ids, mask, 17)):  # step 0: the prompt
         for layer in cache.layers:
             caps = layer.capacity()
             held = layer.valid.sum(-1)  # [B, H] real tokens held
             assert bool((held <= caps[:, None] + k - 1).all())
-            if cache.get_seq_length() % k == 0:
+            if step % k == 0:
                 assert bool((held <= caps[:, None]).all())
 
 
@@ -74,8 +74,8 @@ def test_order_independent_policies_keep_what_k1_keeps(method, params, layers, k
     one = kvprune.make_cache(model, method, 10, **params)
     block = kvprune.make_cache(model, method, 10, evict_every=k, **params)
     checked = 0
-    for _ in zip(_forced(model, one, ids, mask, 22), _forced(model, block, ids, mask, 22)):
-        if one.get_seq_length() % k == 0:
+    for step, _ in enumerate(zip(_forced(model, one, ids, mask, 22), _forced(model, block, ids, mask, 22))):
+        if step % k == 0:
             assert _kept(one)[:layers] == _kept(block)[:layers]
             checked += 1
     assert checked >= 2
@@ -246,3 +246,21 @@ def test_tova_observes_only_the_steps_that_evict(lengths, monkeypatch):
     for (la, ka), (lb, kb) in zip(*runs):
         assert ka == kb
         torch.testing.assert_close(la, lb)
+
+
+@pytest.mark.parametrize("lengths", [[1, 2], [5, 12]])
+def test_a_padded_row_evicts_at_the_steps_it_evicts_alone(lengths):
+    """The block schedule counts one-token steps since the prompt, not tokens seen (which include a batch's left
+    padding): each row of a padded batch keeps, at every step, what it keeps run alone, with the same tokens."""
+    model = tiny_model()
+    ids, mask = padded_batch(lengths)
+    batch = kvprune.make_cache(model, "h2o", 0.3, evict_every=3, recent=0.25)
+    steps = [(logits.argmax(-1), _kept(batch)) for logits in _steps(model, batch, ids, mask, 7)]
+    for r, n in enumerate(lengths):
+        pad = ids.shape[1] - n  # the row's positions in the batch are shifted by its padding
+        alone_ids = ids[r : r + 1, pad:]
+        alone = kvprune.make_cache(model, "h2o", 0.3, evict_every=3, recent=0.25)
+        for (tok, kept), logits in zip(steps, _steps(model, alone, alone_ids, torch.ones_like(alone_ids), 7)):
+            assert int(tok[r]) == int(logits.argmax(-1)[0])
+            in_batch = [[[p - pad for p in head] for head in layer[r]] for layer in kept]
+            assert in_batch == [layer[0] for layer in _kept(alone)]

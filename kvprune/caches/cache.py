@@ -25,10 +25,10 @@ class PruningCache(KVCache):
 
     ``policy`` is a name (``"a2sf"``, ``"h2o"``, ...) with its parameters as keyword arguments, or a
     :class:`~kvprune.policies.Policy`. ``budget`` is slots per (row, KV head): an int, or a float
-    ratio of the tokens seen. ``evict_every=k`` evicts at one-token steps only when the tokens seen are a
-    multiple of ``k``, a block at once (the prompt always): a row then holds at most ``budget + k - 1`` slots,
-    and exactly its budget after every k-th token. The model must be prepared (``kvprune.prepare_model``) so that its
-    attention reaches kvprune; ``kvprune.make_cache(model, ...)`` does both.
+    ratio of the tokens seen. ``evict_every=k`` evicts at one-token steps only at every k-th one since the last
+    multi-token forward (the prompt, which always evicts), a block at once: a row then holds at most
+    ``budget + k - 1`` slots, and exactly its budget after every k-th step. The model must be prepared
+    (``kvprune.prepare_model``) so that its attention reaches kvprune; ``kvprune.make_cache(model, ...)`` does both.
     """
 
     def __init__(

@@ -78,8 +78,8 @@ class KVzipLayer(PruningLayer):
         if self.stage == "context" or self.frozen:  # the context waits for its replay; frozen: prefill_only
             self.pending = 0
             return
-        q, self.pending = self.pending, 0
-        if q > 1 or self.evict_every == 1 or self.n_seen % self.evict_every == 0:
+        self.pending = 0
+        if self.evicts:
             if self.policy.scope == "head":
                 self.evict()
             elif self.after_forward is not None:  # global: once per forward, when the last layer is done

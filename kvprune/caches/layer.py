@@ -42,7 +42,7 @@ class PruningLayer(SlotLayer):
         self.policy = policy
         self.budget = budget
         self.prefill_only = False  # set by the cache: evict once, after the first forward
-        self.evict_every = 1  # set by the cache: one-token steps evict every this many tokens seen
+        self.evict_every = 1  # set by the cache: one-token steps evict at every this many of them
         #: set by the cache: one-over decode evictions chosen with the other layers' (None: each layer alone)
         self.deferred: DeferredEvictions | None = None
         #: set by the cache: decode-size buffers as slices of tensors shared by every layer (None: each layer alone)
@@ -95,9 +95,14 @@ class PruningLayer(SlotLayer):
         else:
             pbuf[:, :, n : n + q] = torch.arange(self.n_seen, self.n_seen + q, dtype=INDEX_DTYPE, device=self.device)
         self._use_slots(n + q)
+        # evict_every=k: a one-token step evicts at every k-th one-token step since the last multi-token forward
+        # or the first one (the prompt, which always evicts). Counted in steps, not in tokens seen: tokens seen
+        # include a batch's left padding, so a padded row would evict at other steps than the same row alone
+        self.one_token_steps = 0 if q > 1 or self.n_seen == 0 else self.one_token_steps + 1
+        self.evicts = self.one_token_steps % self.evict_every == 0
         self.n_seen += q
         self.pending = q
-        self.resting = q == 1 and self.policy.replaces_scores and self.n_seen % self.evict_every != 0
+        self.resting = q == 1 and self.policy.replaces_scores and not self.evicts
         return bind(self.keys, self), self.values
 
     @property
@@ -124,6 +129,8 @@ class PruningLayer(SlotLayer):
         self._reset_slots()
         self.n_seen = 0
         self.pending = 0
+        self.one_token_steps = 0  # since the last multi-token forward (see update)
+        self.evicts = False  # this forward evicts when it finishes
         if self.deferred is not None:
             self.deferred.discard(self)
         self.eviction_due = False  # handed to ``deferred``, not yet dropped
@@ -198,7 +205,7 @@ class PruningLayer(SlotLayer):
 
     def finish(self, obs: torch.Tensor | None) -> None:
         """Fold the observation into the scores and evict down to the budget (once, with ``prefill_only``;
-        at decode steps every ``evict_every`` tokens)."""
+        at one-token steps every ``evict_every`` of them)."""
         if self.frozen:
             self.pending = 0
             return
@@ -207,10 +214,8 @@ class PruningLayer(SlotLayer):
             scores = self.policy.update_scores(self.scores, obs, self.pending)
             if scores is not self.scores:
                 self.scores.copy_(scores)  # in place: the scores are a view of their buffer
-        q, self.pending = self.pending, 0
-        # amortised eviction: a one-token step evicts only every evict_every tokens (a block at once);
-        # a multi-token forward (the prompt) always does
-        if q > 1 or self.evict_every == 1 or self.n_seen % self.evict_every == 0:
+        self.pending = 0
+        if self.evicts:  # evict_every=k: only every k-th one-token step, a block at once (see update)
             self.evict()
         self.frozen = self.prefill_only
 
