@@ -1,7 +1,7 @@
 """Decode-step eviction a few slots over the budget, for every layer of a cache at once.
 
 At a decode step each (row, KV head) of each layer holds one slot too many (``evict_every=k``: k at every k-th
-token; a short chunk: its length). The victims of all layers are chosen with one set of tensor ops once the
+one-token step; a short chunk: its length). The victims of all layers are chosen with one set of tensor ops once the
 last layer has attended (a step's cost is mostly per-op overhead, so one set instead of one per layer), and
 each layer then moves its newest surviving slots into the victims' places instead of compacting the cache.
 Slots are therefore no longer in position order after a decode eviction; ranks, not slot indices, say which
