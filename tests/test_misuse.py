@@ -257,3 +257,27 @@ def test_padding_mask_edited_in_place_is_read_again():
     mask[1, -1] = 0  # in place: same object, new version
     assert not _newest_real(mask)
     assert _newest_real(torch.ones(2, 6, dtype=torch.long))
+
+
+def test_bmm_views_are_kept_only_on_views_so_plain_keys_free_at_once():
+    """The decode row keeps its ``bmm``-shaped view on a cache layer's held-slot view, never on a tensor that owns
+    its memory (a plain cache's concatenated keys): there the view would form a reference cycle and hold the old
+    keys until the garbage collector runs (a plain ``DynamicCache`` step went 3.4 -> 5.5 ms on the demo)."""
+    import weakref
+
+    from kvprune.integrations.attention import _batched
+
+    gc.disable()
+    try:
+        owner = torch.randn(1, 2, 8, 4)
+        alive = weakref.ref(owner)
+        _batched(owner, transpose=True)
+        del owner
+        assert alive() is None, "freed at once, with no cycle"
+        buffer = torch.randn(1, 2, 16, 4)
+        held = buffer[:, :, :8]
+        first = _batched(held, transpose=True)
+        assert _batched(held, transpose=True) is first  # kept on the view
+        torch.testing.assert_close(first, held.flatten(0, 1).transpose(1, 2))
+    finally:
+        gc.enable()

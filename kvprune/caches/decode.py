@@ -34,10 +34,7 @@ def one_over_victims(eff: torch.Tensor | None, ranks: torch.Tensor, first_recent
         if valid is not None:
             key.masked_fill_(~valid, torch.iinfo(key.dtype).max)
         return key.argmax(dim=-1, keepdim=True)
-    eff = rank_grid(eff)  # a new tensor: filled in place
-    eff.masked_fill_(protected, float("inf"))
-    if valid is not None:
-        eff.masked_fill_(~valid, float("-inf"))
+    eff = _ranked(eff, protected, valid)
     low = eff.amin(dim=-1, keepdim=True)
     return ranks.masked_fill(eff != low, -2).argmax(dim=-1, keepdim=True)  # -2: below a padding slot's rank -1
 
@@ -48,13 +45,17 @@ def few_over_victims(eff: torch.Tensor | None, ranks: torch.Tensor, first_recent
     ``over`` times at once (padding first, then the lowest scores on the grid, the newest among equals)."""
     if over == 1:
         return one_over_victims(eff, ranks, first_recent, n_sink, valid)
-    eff = torch.zeros(ranks.shape, device=ranks.device) if eff is None else rank_grid(eff)
-    eff.masked_fill_((ranks < n_sink) | (ranks >= first_recent), float("inf"))
-    if valid is not None:
-        eff.masked_fill_(~valid, float("-inf"))
+    eff = torch.zeros(ranks.shape, device=ranks.device) if eff is None else eff
+    eff = _ranked(eff, (ranks < n_sink) | (ranks >= first_recent), valid)
     newest_first = ranks.argsort(dim=-1, descending=True, stable=True)
     lowest = eff.gather(-1, newest_first).argsort(dim=-1, stable=True)[..., :over]  # stable: newest among equals
     return newest_first.gather(-1, lowest)
+
+
+def _ranked(eff: torch.Tensor, protected: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``eff`` on the ranking grid, as a new tensor: protected slots +inf (never dropped), padding -inf (first)."""
+    eff = rank_grid(eff).masked_fill_(protected, float("inf"))
+    return eff if valid is None else eff.masked_fill_(~valid, float("-inf"))
 
 
 class Over(Stacked, Protocol):

@@ -272,9 +272,7 @@ class PruningLayer(SlotLayer):
         budget = self.budget
         if budget is None or not self.policy.evicts:
             return False
-        if budget.tokens is not None:
-            cap = max(budget.tokens, self.policy.min_budget())
-        elif self.ranks_are_positions:  # no padding seen: every row has seen n_seen real tokens (no tensor ops)
+        if budget.tokens is not None or self.ranks_are_positions:  # no padding seen: every row saw n_seen tokens
             cap = budget.slots_for(self.n_seen, self.policy.min_budget())
         else:  # a ratio of the tokens seen: the fast path when every row may hold the same count now
             caps = self.capacity()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .base import KVLayer, grown
-from .stacked import FREE_SLOT, Generation, StackedSlots, move_newest
+from .stacked import FREE_SLOT, Generation, StackedSlots, flat_slots, move_newest
 
 INDEX_DTYPE = torch.int32
 
@@ -128,9 +128,7 @@ class SlotLayer(KVLayer):
         self.valid = torch.empty((b, h, 0), dtype=torch.bool, device=self.device)
         self.scores = torch.empty((b, h, 0), dtype=torch.float32, device=self.device)
         self.n_valid = torch.zeros(b, dtype=torch.int64, device=self.device)
-        self._bufs = self._flat = None
-        self._join(None)
-        self._views = {}
+        self._set_buffers(None)
         if self.stacked is not None:
             self.stacked.register(self.device)
 
@@ -139,9 +137,7 @@ class SlotLayer(KVLayer):
         index = index.to(self.device)
         for name in ("keys", "values", "positions", "ranks", "valid", "scores", "n_valid"):
             setattr(self, name, getattr(self, name).index_select(0, index))
-        self._bufs = self._flat = None
-        self._join(None)
-        self._views = {}
+        self._set_buffers(None)
         self.all_valid = bool(self.valid.all())
         self.heads_aligned = None  # checked when asked
 
@@ -170,7 +166,7 @@ class SlotLayer(KVLayer):
                 buf[:, :, :n] = t
                 if default is not None:
                     buf[:, :, n:] = default
-        self._bufs, self._flat, self._views = bufs, None, {}
+        self._set_buffers(bufs)
         self._use_slots(n)
 
     def _adopt(self, keep: torch.Tensor, stacked: bool = False) -> None:
@@ -191,8 +187,14 @@ class SlotLayer(KVLayer):
         for t, default in zip(bufs[2:], FREE_SLOT[2:]):
             if default is not None:
                 t[:, :, c:] = default
-        self._bufs, self._flat, self._views = bufs, None, {}
+        self._set_buffers(bufs)
         self._use_slots(c)
+
+    def _set_buffers(self, bufs: tuple[torch.Tensor, ...] | None) -> None:
+        """Hold ``bufs`` (None: none, the next token reserves new ones), dropping what was made from the old ones."""
+        self._bufs, self._flat, self._views = bufs, None, {}
+        if bufs is None:
+            self._join(None)
 
     def _new_buffers(self, like: tuple[torch.Tensor, ...], slots: int, stacked: bool) -> tuple[torch.Tensor, ...] | None:
         """This layer's slices of the cache's shared buffers when ``stacked`` and the layout allows, else None
@@ -228,11 +230,8 @@ class SlotLayer(KVLayer):
         slots move into their places (a copy of ``m`` slots, not of the cache) and the last ``m`` become free again.
         ``evicted``: how many victims were real tokens (a padding victim is no eviction)."""
         held = self.keys.shape[-2]
-        if self._flat is None or self._flat[0] != held:  # flat views of the buffers, made once per buffers and size
-            b, h, size = self._bufs[0].shape[:3]
-            starts = (torch.arange(b * h, device=self.device) * size).view(b, h, 1)  # each (row, head)'s slot 0, flat
-            flat = tuple(t.view(b * h * size, -1) if t.dim() == 4 else t.view(-1) for t in self._bufs)
-            self._flat = (held, flat, starts, (starts + held - 1).view(-1))
+        if self._flat is None or self._flat[0] != held:  # made once per buffers and held count
+            self._flat = (held, *flat_slots(self._bufs, held))
         _, views, starts, last = self._flat
         move_newest(views, victims, starts, held, last, self.moved_kinds(), self.n_seen - 1)
         self.after_drop(evicted, held - victims.shape[-1])

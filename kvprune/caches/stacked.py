@@ -1,7 +1,7 @@
 """Every layer's decode-size buffers as slices of one tensor per kind, so a decode eviction moves slots in all
 layers with one op per kind.
 
-A decode step one over the budget moves each layer's newest slot into its victim's place (:mod:`.decode`). With
+A decode step a few slots over the budget moves each layer's newest slots into its victims' places (:mod:`.decode`). With
 each layer's keys, values, positions, ranks, validity and scores in buffers of its own, that is a dozen small ops
 per layer, and on a small model a step is mostly per-op overhead. Here the buffers a layer gets after an eviction
 (or when it grows by one decode token) are its slice ``[layer]`` of ``[layers, B, H, slots, ...]`` tensors shared
@@ -24,21 +24,29 @@ class Generation:
         self.tensors = tensors
         self.spec = spec
         self.taken: set[int] = set()
-        #: (held slots - 1, layer indices) -> (flat views, each (layer, row, head)'s first flat slot, its last one)
-        self._flat: dict[tuple[int, tuple[int, ...]], tuple] = {}
+        #: (held slots, layer indices) of the last drop -> :func:`flat_slots` for those layers
+        self._flat: tuple | None = None
 
-    def flat(self, last: int, layers: tuple[int, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
-        """Flat ``[layers * B * H * slots, ...]`` views of every kind, the flat index of slot 0 of each (row, head) of
-        ``layers`` (``[len(layers), B, H, 1]``), and of its slot ``last`` (flat ``[len(layers) * B * H]``)."""
-        key = (last, layers)
-        if key not in self._flat:
-            n, b, h, size = self.tensors[0].shape[:4]
-            views = tuple(t.view(n * b * h * size, -1) if t.dim() == 5 else t.view(-1) for t in self.tensors)
-            starts = (torch.arange(n * b * h, device=self.tensors[0].device) * size).view(n, b, h, 1)
-            if layers != tuple(range(n)):
+    def flat(self, held: int, layers: tuple[int, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """:func:`flat_slots` of every kind with ``held`` slots, for ``layers`` only (kept while they stay the same)."""
+        if self._flat is None or self._flat[0] != (held, layers):
+            views, starts, last = flat_slots(self.tensors, held)
+            if layers != tuple(range(len(self.tensors[0]))):
                 starts = starts[list(layers)]
-            self._flat[key] = (views, starts, (starts + last).view(-1))
-        return self._flat[key]
+                last = (starts + held - 1).view(-1)
+            self._flat = ((held, layers), (views, starts, last))
+        return self._flat[1]
+
+
+def flat_slots(bufs: tuple[torch.Tensor, ...], held: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    """Buffers ``[..., slots]`` / ``[..., slots, D]`` (positions is kind 2, with no ``D``) as flat views with a slot
+    per row, the flat index of slot 0 of each leading index (``[..., 1]``), and of slot ``held - 1`` (flat)."""
+    lead = bufs[2].shape[:-1]
+    size = bufs[2].shape[-1]
+    rows = lead.numel() * size
+    views = tuple(t.view(rows, -1) if t.dim() > len(lead) + 1 else t.view(-1) for t in bufs)
+    starts = (torch.arange(lead.numel(), device=bufs[2].device) * size).view(*lead, 1)
+    return views, starts, (starts + held - 1).view(-1)
 
 
 class StackedSlots:
@@ -124,7 +132,7 @@ def drop_together(layers: list[Stacked], victims: torch.Tensor, evicted: list[in
         for layer in layers
     ):
         return False
-    views, starts, last = gen.flat(s - 1, tuple(layer.layer_idx for layer in layers))
+    views, starts, last = gen.flat(s, tuple(layer.layer_idx for layer in layers))
     move_newest(views, victims, starts, s, last, kinds, n - 1)
     for layer, count in zip(layers, evicted):
         layer.after_drop(count, s - victims.shape[-1])

@@ -44,17 +44,9 @@ def grouped_probs(
     ``causal_from``: instead of a mask, the q rows are the keys ``causal_from..causal_from+q-1`` in order
     (every earlier key visible): only that trailing square gets the causal fill.
     """
-    b, hq, q, d = query.shape
+    b, hq, q, _ = query.shape
     hkv = key.shape[1]
-    g = hq // hkv
-    # the G query heads of a group are stacked as extra rows of one bmm over (row, KV head), no broadcast copy of
-    # K (a slice of a cache buffer keeps row and head mergeable: flatten is a view); the scale goes on the (small)
-    # queries, and the mask is applied in place on the fresh logits. bmm, not matmul: a decode step is mostly
-    # per-op overhead, and matmul's 4-D path dispatches several views around the same bmm
-    logits = torch.bmm((query * scaling).reshape(b * hkv, g * q, d), key.flatten(0, 1).transpose(1, 2))
-    logits = logits.view(b, hkv, g, q, -1)
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()
+    logits = _group_logits(query, key, scaling).view(b, hkv, hq // hkv, q, -1)  # the mask goes on in place
     if allowed is not None:  # None: every slot is visible (a decode step over valid slots)
         logits.masked_fill_(~allowed.unsqueeze(2), float("-inf"))
     elif causal_from is not None and q > 1:
@@ -68,23 +60,37 @@ def decode_row(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scal
     """One query per row against every slot (a decode step, no mask): the output ``[B, Hq, 1, Dv]`` and the
     softmax rows ``[B * Hkv, G, S]`` it was computed from (at least float32), in as few ops as the step allows
     (a decode step is mostly per-op overhead): :func:`grouped_probs` and :func:`grouped_output` for ``q = 1``."""
-    b, hq, _, d = query.shape
+    probs = torch.softmax(_group_logits(query, key, scaling), dim=-1)
+    return _group_apply(probs, value).view(query.shape[0], query.shape[1], 1, -1), probs
+
+
+def _group_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Scaled logits ``[B * Hkv, G * q, S]`` (at least float32): the G query heads of a KV group are stacked as extra
+    rows of one ``bmm`` over (row, KV head), with no broadcast copy of K; the scale goes on the (small) queries.
+    ``bmm``, not ``matmul``: a decode step is mostly per-op overhead, and matmul's 4-D path dispatches several
+    views around the same product."""
+    b, hq, q, d = query.shape
     hkv = key.shape[1]
-    logits = torch.bmm((query * scaling).reshape(b * hkv, hq // hkv, d), _batched(key, transpose=True))
-    probs = torch.softmax(logits if logits.dtype in (torch.float32, torch.float64) else logits.float(), dim=-1)
-    out = torch.bmm(probs if probs.dtype == value.dtype else probs.to(value.dtype), _batched(value))
-    return out.view(b, hq, 1, -1), probs
+    logits = torch.bmm((query * scaling).reshape(b * hkv, hq // hkv * q, d), _batched(key, transpose=True))
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def _group_apply(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``probs [B * Hkv, G * q, S] @ value`` per (row, KV head): ``[B * Hkv, G * q, Dv]`` in the value's dtype."""
+    return torch.bmm(probs if probs.dtype == value.dtype else probs.to(value.dtype), _batched(value))
 
 
 def _batched(t: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """``t [B, H, S, D]`` as ``[B * H, S, D]`` (``[B * H, D, S]`` with ``transpose``) for ``bmm``. When that is a
-    view it is kept on ``t`` itself (a cache layer hands the same held-slot view to every step with that many
-    slots); a copy is never kept, since it would not follow ``t``'s contents."""
+    """``t [B, H, S, D]`` as ``[B * H, S, D]`` (``[B * H, D, S]`` with ``transpose``) for ``bmm``. When ``t`` is a
+    view of a buffer and this a view of the same, it is kept on ``t`` (a cache layer hands the same held-slot view
+    to every step with that many slots). Never kept on a tensor that owns its memory (the view would hold it in a
+    reference cycle, freed only by the garbage collector: a plain cache's concatenated keys), nor when flattening
+    copies (a copy would not follow ``t``'s contents)."""
     name = "_kvprune_bmm_t" if transpose else "_kvprune_bmm"
     view = getattr(t, name, None)
     if view is None:
         view = t.flatten(0, 1).transpose(1, 2) if transpose else t.flatten(0, 1)
-        if view.data_ptr() == t.data_ptr():
+        if t._is_view() and view.data_ptr() == t.data_ptr():
             setattr(t, name, view)
     return view
 
@@ -92,9 +98,7 @@ def _batched(t: torch.Tensor, transpose: bool = False) -> torch.Tensor:
 def grouped_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``probs @ value`` per KV group, returned as ``[B, Hq, q, Dv]``."""
     b, hkv, g, q, s = probs.shape
-    probs = probs if probs.dtype == value.dtype else probs.to(value.dtype)
-    out = torch.bmm(probs.reshape(b * hkv, g * q, s), value.flatten(0, 1))
-    return out.view(b, hkv * g, q, -1)
+    return _group_apply(probs.reshape(b * hkv, g * q, s), value).view(b, hkv * g, q, -1)
 
 
 def reduce_probs(probs: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

@@ -31,7 +31,7 @@ class StreamingLLM(Policy):
             )
 
     # the rolling window is protection, not a score: ranking by age would tie old tokens on the ranking grid
-    # (10 significant bits) once positions pass ~2K, and ties go to the newest
+    # (10 significant bits) once ranks pass 1024, and ties go to the newest
     def recent_tokens(self, budget: torch.Tensor) -> torch.Tensor:
         return budget - self.n_sink
 
