@@ -18,7 +18,6 @@ from .budget import Budget
 from .contract import bind
 from .decode import DeferredEvictions, evict_over
 from .slots import INDEX_DTYPE, SlotLayer
-from .stacked import StackedSlots
 
 #: a decode eviction of at most this many slots per (row, head) (``evict_every`` up to it, a short chunk) takes the
 #: few-slot path, deferred until every layer has attended; more (a long prompt) compacts layer by layer, so a
@@ -45,8 +44,6 @@ class PruningLayer(SlotLayer):
         self.evict_every = 1  # set by the cache: one-token steps evict at every this many of them
         #: set by the cache: one-over decode evictions chosen with the other layers' (None: each layer alone)
         self.deferred: DeferredEvictions | None = None
-        #: set by the cache: decode-size buffers as slices of tensors shared by every layer (None: each layer alone)
-        self.stacked: StackedSlots | None = None
         self.reset()
 
     # -- transformers' layer contract --------------------------------------------------------
@@ -149,13 +146,12 @@ class PruningLayer(SlotLayer):
         q = self.pending
         b, h = self.keys.shape[:2]
         if new_valid is None or bool(new_valid.all()):  # no padding among the new tokens (the common decode step)
-            if self.ranks_are_positions:
-                pass
-            elif q == 1:
-                self.ranks[:, :, -1] = self.n_valid[:, None]
-            else:
-                ranks = self.n_valid[:, None] + torch.arange(q, device=self.device)
-                self.ranks[..., -q:] = ranks.to(INDEX_DTYPE)[:, None, :]
+            if not self.ranks_are_positions:  # else a rank is the position update() wrote
+                if q == 1:
+                    self.ranks[:, :, -1] = self.n_valid[:, None]
+                else:
+                    ranks = self.n_valid[:, None] + torch.arange(q, device=self.device)
+                    self.ranks[..., -q:] = ranks.to(INDEX_DTYPE)[:, None, :]
             self.n_valid = self.n_valid + q
         else:
             if self.ranks_are_positions:
