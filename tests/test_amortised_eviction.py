@@ -229,13 +229,18 @@ def test_tova_observes_only_the_steps_that_evict(lengths, monkeypatch):
     model = tiny_model()
     ids, mask = padded_batch(lengths)
     runs, observed = [], []
-    real = TOVA.update_scores
+    real, real_fold = TOVA.update_scores, TOVA.fold_rows
 
     def counting(self, scores, obs, n_new):  # an observation reaches the policy
         observed[-1] += obs is not None
         return real(self, scores, obs, n_new)
 
+    def counting_fold(self, scores, rows):  # or a decode step's rows, folded in directly
+        observed[-1] += 1
+        return real_fold(self, scores, rows)
+
     monkeypatch.setattr(TOVA, "update_scores", counting)
+    monkeypatch.setattr(TOVA, "fold_rows", counting_fold)
     for rests in (True, False):
         monkeypatch.setattr(TOVA, "replaces_scores", rests)
         observed.append(0)

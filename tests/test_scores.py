@@ -82,3 +82,51 @@ def test_newest_query_weighs_one(name):
     for n in (1, 2, 7):
         w = policy.query_weights(n)
         assert w.shape == (n,) and float(w[-1]) == 1.0, (name, n, w)
+
+
+@pytest.mark.parametrize("name,params", [("h2o", {}), ("a2sf", {"alpha": 0.3}), ("tova", {})])
+def test_folded_decode_rows_equal_the_observation(name, params):
+    """A decode step folds its softmax rows into the scores in one op (Policy.fold_rows, for a policy with a decay):
+    the same as averaging them over the query heads (all heads, for TOVA) and calling update_scores; the scores are
+    a strided view of a larger buffer, as in the cache."""
+    from kvprune.policies import POLICIES
+
+    policy = POLICIES[name](**params)
+    b, hkv, g, s = 2, 3, 2, 17
+    torch.manual_seed(0)
+    rows = torch.softmax(torch.randn(b * hkv, g, s), -1)
+    buf = torch.rand(b, hkv, s + 5)
+    expected = buf[..., :s].clone()
+    obs = rows.mean(1).view(b, hkv, s)
+    if policy.shared_across_heads:
+        obs = obs.mean(1, keepdim=True).expand(b, hkv, s)
+    expected = policy.update_scores(expected, obs, 1).clone()
+    policy.fold_rows(buf[..., :s], rows)
+    torch.testing.assert_close(buf[..., :s], expected)
+
+
+@pytest.mark.parametrize("name", ["h2o", "a2sf", "tova"])
+def test_decode_steps_score_alike_folded_or_not(name, monkeypatch):
+    """Scores and kept tokens after a prompt and decode steps are the same whether the steps fold their rows into
+    the scores or hand the averaged observation to finish (the general path)."""
+    from kvprune.caches.layer import PruningLayer
+
+    model = tiny_model()
+    ids, _ = padded_batch([24, 24])
+    runs, folded = [], []
+    real = PruningLayer.fold_row
+    for fold in (True, False):
+        monkeypatch.setattr(PruningLayer, "fold_row",
+                            (lambda self, rows: folded.append(real(self, rows)) or folded[-1]) if fold
+                            else (lambda self, rows: False))
+        cache = kvprune.make_cache(model, name, 12)
+        with torch.no_grad():
+            nxt = model(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+            for _ in range(6):
+                nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        runs.append([(layer.positions.sort(-1).values, layer.scores.gather(-1, layer.positions.argsort(-1)))
+                     for layer in cache.layers])
+    assert folded and all(folded)  # every decode step of every layer folded in the first run
+    for (pa, sa), (pb, sb) in zip(*runs):
+        assert torch.equal(pa, pb)
+        torch.testing.assert_close(sa, sb)

@@ -70,6 +70,10 @@ class AttentionLayer(Protocol):
         """The queries' and slots' positions when the queries come in position order against slots in any
         order (LazyLLM), so attention can skip the mask's empty part; else None."""
 
+    def fold_row(self, rows: torch.Tensor) -> bool:
+        """A decode step's softmax rows ``[B * Hkv, G, S]`` (one query, every slot), offered before ``finish``: True
+        when the layer folded them into its state itself (``finish`` then gets no observation)."""
+
     def finish(self, obs: torch.Tensor | None) -> None:
         """After attention: fold the observation ``[B, Hkv, S]`` (or None) in, evict, clear ``pending``."""
 

@@ -10,6 +10,7 @@ tokens are sinks and recent.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -18,12 +19,12 @@ from ..policies.base import rank_grid
 from .stacked import Stacked, drop_together
 
 
-def one_over_victims(eff: torch.Tensor | None, ranks: torch.Tensor, first_recent: torch.Tensor, n_sink: int,
+def one_over_victims(eff: torch.Tensor | None, ranks: torch.Tensor, first_recent: torch.Tensor | int, n_sink: int,
                      valid: torch.Tensor | None = None) -> torch.Tensor:
     """The slot each (…, row, head) drops, ``[..., B, H, 1]``, from scores ``eff [..., B, H, S]`` (higher is kept;
     None: nothing is scored, every slot ties).
 
-    Protected: the sinks (``ranks < n_sink``) and the recent window (``ranks >= first_recent [..., B, 1, 1]``).
+    Protected: the sinks (``ranks < n_sink``) and the recent window (``ranks >= first_recent``, ``[..., B, 1, 1]`` or one int for all).
     A padding slot (``valid`` False) goes first; among the rest the lowest score on
     :func:`~kvprune.policies.base.rank_grid` goes, the newest (highest rank) among equals: exactly what the
     stable sort of the general eviction keeps and drops (which padding slot goes does not matter).
@@ -39,7 +40,7 @@ def one_over_victims(eff: torch.Tensor | None, ranks: torch.Tensor, first_recent
     return ranks.masked_fill(eff != low, -2).argmax(dim=-1, keepdim=True)  # -2: below a padding slot's rank -1
 
 
-def few_over_victims(eff: torch.Tensor | None, ranks: torch.Tensor, first_recent: torch.Tensor, n_sink: int,
+def few_over_victims(eff: torch.Tensor | None, ranks: torch.Tensor, first_recent: torch.Tensor | int, n_sink: int,
                      valid: torch.Tensor | None, over: int) -> torch.Tensor:
     """The ``over`` slots each (…, row, head) drops, ``[..., B, H, over]``: :func:`one_over_victims`'s rule applied
     ``over`` times at once (padding first, then the lowest scores on the grid, the newest among equals)."""
@@ -63,6 +64,7 @@ class Over(Stacked, Protocol):
 
     ranks: torch.Tensor
     valid: torch.Tensor
+    scores: torch.Tensor
     n_valid: torch.Tensor
     all_valid: bool
 
@@ -75,17 +77,43 @@ def evict_over(members: list[tuple[Over, torch.Tensor | None]], recent: int, n_s
     ``recent`` newest tokens, with one set of ops for all of them."""
     layers = [layer for layer, _ in members]
     padded = not all(layer.all_valid for layer in layers)
-    ranks = torch.stack([layer.ranks for layer in layers])
-    n_valid = torch.stack([layer.n_valid for layer in layers])
-    first_recent = (n_valid - recent).view(*n_valid.shape, 1, 1)
-    valid = torch.stack([layer.valid for layer in layers]) if padded else None
-    eff = None if members[0][1] is None else torch.stack([e for _, e in members])
+    stack = _stacked(members)
+    positional = all(layer.ranks_are_positions for layer in layers)  # no padding seen: each row saw n_seen tokens
+    if stack is not None:  # every layer's slice of one generation, in order: views, no copies
+        ranks = stack[2 if positional else 3]
+        valid = stack[4] if padded else None
+        eff = None if members[0][1] is None else stack[5]
+    else:
+        ranks = torch.stack([layer.ranks for layer in layers])
+        valid = torch.stack([layer.valid for layer in layers]) if padded else None
+        eff = None if members[0][1] is None else torch.stack([e for _, e in members])
+    if positional and len({layer.n_seen for layer in layers}) == 1:
+        first_recent: torch.Tensor | int = layers[0].n_seen - recent
+    else:
+        n_valid = torch.stack([layer.n_valid for layer in layers])
+        first_recent = (n_valid - recent).view(*n_valid.shape, 1, 1)
     victims = few_over_victims(eff, ranks, first_recent, n_sink, valid, over)
     # a padding victim is no eviction: count the real ones (one sync for every layer)
-    evicted = valid.gather(-1, victims).flatten(1).sum(1).tolist() if padded else [victims[0].numel()] * len(layers)
+    evicted = (valid.gather(-1, victims).flatten(1).sum(1).tolist() if padded
+               else [math.prod(victims.shape[1:])] * len(layers))
     if not drop_together(layers, victims, evicted):  # one op per kind for all layers when their buffers are stacked
         for layer, layer_victims, n in zip(layers, victims.unbind(0), evicted):
             layer.drop_slots(layer_victims, n)
+
+
+def _stacked(members: list[tuple[Over, torch.Tensor | None]]) -> tuple[torch.Tensor, ...] | None:
+    """Every kind's held slots of the members' shared generation (:meth:`Generation.held`) when the members are all
+    of its layers, in order, with the same held count, and each one's eviction scores are its score state; else
+    None (stack each layer's own)."""
+    gen = members[0][0].generation
+    if gen is None:
+        return None
+    s = members[0][0].keys.shape[-2]
+    for i, (layer, eff) in enumerate(members):
+        if (layer.generation is not gen or layer.layer_idx != i or layer.keys.shape[-2] != s
+                or (eff is not None and eff is not layer.scores)):
+            return None
+    return gen.held(s) if len(members) == len(gen.tensors[0]) else None
 
 
 class DeferredEvictions:

@@ -133,6 +133,7 @@ class PruningLayer(SlotLayer):
         self.eviction_due = False  # handed to ``deferred``, not yet dropped
         self.sealed = False  # prefill_only and past the first forward: no scores, no eviction
         self.resting = False  # this step neither evicts nor keeps what it would observe (see ``frozen``)
+        self.folded = False  # this step's observation is already in the scores (fold_row)
         self.is_initialized = False
 
     def select_rows(self, index: torch.Tensor) -> None:
@@ -205,8 +206,8 @@ class PruningLayer(SlotLayer):
         if self.frozen:
             self.pending = 0
             return
-        stateless = type(self.policy).update_scores is Policy.update_scores  # scores never change after writing
-        if not stateless and (obs is not None or self.policy.observation == "none"):
+        folded, self.folded = self.folded, False
+        if self.policy.updates and not folded and (obs is not None or self.policy.observation == "none"):
             scores = self.policy.update_scores(self.scores, obs, self.pending)
             if scores is not self.scores:
                 self.scores.copy_(scores)  # in place: the scores are a view of their buffer
@@ -214,6 +215,19 @@ class PruningLayer(SlotLayer):
         if self.evicts:  # evict_every=k: only every k-th one-token step, a block at once (see update)
             self.evict()
         self.frozen = self.prefill_only
+
+    def fold_row(self, rows: torch.Tensor) -> bool:
+        """Fold a decode step's softmax rows ``[B * Hkv, G, S]`` into the scores now, averaged over the query heads in
+        the same op, when the policy's update is a :meth:`~kvprune.policies.Policy.decay` (``finish`` then gets no
+        observation); False: it cannot (another rule, a head mean over several tensor-parallel ranks, or float64 rows
+        of a float64 model against the float32 scores)."""
+        policy = self.policy
+        if (self.frozen or policy.decay(1) is None or rows.dtype != self.scores.dtype
+                or (policy.shared_across_heads and parallel_of(self).active)):
+            return False
+        policy.fold_rows(self.scores, rows)
+        self.folded = True
+        return True
 
     def capacity(self) -> torch.Tensor | None:
         """Slots each row may fill now, ``[B]`` (None: unbounded). Rows get their own ratio budgets."""

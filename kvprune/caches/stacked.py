@@ -26,6 +26,15 @@ class Generation:
         self.taken: set[int] = set()
         #: (held slots, layer indices) of the last drop -> :func:`flat_slots` for those layers
         self._flat: tuple | None = None
+        #: held slots -> every kind's ``[layers, B, H, held, ...]`` view (see :meth:`held`)
+        self._held: tuple[int, tuple[torch.Tensor, ...]] | None = None
+
+    def held(self, held: int) -> tuple[torch.Tensor, ...]:
+        """Every kind's first ``held`` slots of every layer, ``[layers, B, H, held, ...]`` views: what stacking each
+        layer's held views would copy (kept while the count stays the same)."""
+        if self._held is None or self._held[0] != held:
+            self._held = (held, tuple(t[:, :, :, :held] for t in self.tensors))
+        return self._held[1]
 
     def flat(self, held: int, layers: tuple[int, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
         """:func:`flat_slots` of every kind with ``held`` slots, for ``layers`` only (kept while they stay the same)."""

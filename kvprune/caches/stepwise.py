@@ -66,6 +66,10 @@ class StepwiseLayer(KVLayer):
         self.take_slots(order)
         release_stale(self)
 
+    def fold_row(self, rows: torch.Tensor) -> bool:
+        """The decode row goes to ``finish`` as an observation (the attention contract)."""
+        return False
+
     def take_slots(self, order: torch.Tensor) -> None:
         """Keep the K/V slots ``order [B, N']`` (per row), in that order."""
         raise NotImplementedError

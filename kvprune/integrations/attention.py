@@ -10,6 +10,7 @@ Probabilities are float32 and averaged over the query heads of each KV group (GQ
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
@@ -71,8 +72,15 @@ def _group_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> tor
     views around the same product."""
     b, hq, q, d = query.shape
     hkv = key.shape[1]
-    logits = torch.bmm((query * scaling).reshape(b * hkv, hq // hkv * q, d), _batched(key, transpose=True))
+    logits = torch.baddbmm(_zero(query.dtype, query.device), query.reshape(b * hkv, hq // hkv * q, d),
+                           _batched(key, transpose=True), beta=0.0, alpha=scaling)  # beta 0: the zero is not read
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+@functools.lru_cache(maxsize=8)
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A ``[1, 1, 1]`` zero: ``baddbmm``'s ignored addend when it scales a product (one op instead of two)."""
+    return torch.zeros((1, 1, 1), dtype=dtype, device=device)
 
 
 def _group_apply(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -385,7 +393,9 @@ def kvprune_attention(
         allowed = _allowed(layer, attention_mask, new_valid, b, q, s, query.device, sliding_window)
         if q == 1 and allowed is None and backend != "eager" and qv is None:  # the common decode step
             out, rows = decode_row(query, key, value, scaling)
-            if policy is not None:  # the row averaged over each KV group's query heads (a single query weighs 1)
+            # the row averaged over each KV group's query heads (a single query weighs 1), unless the layer folds
+            # the rows into its scores itself (one op for the mean and the update)
+            if policy is not None and not layer.fold_row(rows):
                 obs = across_heads(policy, rows.mean(dim=1).view(b, key.shape[1], -1), parallel_of(layer))
             if layer is not None:
                 layer.finish(obs)

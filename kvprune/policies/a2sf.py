@@ -43,6 +43,5 @@ class A2SF(Policy):
         ages = torch.arange(n_queries - 1, -1, -1, dtype=torch.float64)
         return (self.alpha**ages).to(torch.float32)
 
-    def update_scores(self, scores: torch.Tensor, obs: torch.Tensor | None, n_new: int) -> torch.Tensor:
-        assert obs is not None
-        return torch.add(obs, scores, alpha=self.alpha**n_new, out=scores)  # in place, one op: α^n·A + S
+    def decay(self, n_new: int) -> float:
+        return self.alpha**n_new  # α^n·A + S

@@ -8,6 +8,7 @@ KV group, float32).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -50,6 +51,13 @@ def keep_top(score: torch.Tensor, present: torch.Tensor, forced: torch.Tensor, k
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return present & (rank < keep[:, None])
+
+
+@functools.lru_cache(maxsize=32)
+def _mean_weights(batch: int, m: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[batch, m, n]`` filled with ``1 / n`` (materialised: ``bmm`` is slower on a stride-0 view): the left factor of a mean over ``n`` rows as a
+    ``bmm``; made once per shape (a decode step is mostly per-op overhead)."""
+    return torch.full((batch, m, n), 1.0 / n, dtype=dtype, device=device)
 
 
 def check_int(name: str, value: object, low: int, what: str = "") -> int:
@@ -153,8 +161,14 @@ class Policy:
         """Whether slots are ranked by a score: False for a policy that overrides none of :meth:`initial_scores`,
         :meth:`update_scores` and :meth:`eviction_scores` (every slot ties; protection alone decides, StreamingLLM)."""
         cls = type(self)
-        return (cls.initial_scores is not Policy.initial_scores or cls.update_scores is not Policy.update_scores
-                or cls.eviction_scores is not Policy.eviction_scores)
+        return (cls.initial_scores is not Policy.initial_scores or cls.eviction_scores is not Policy.eviction_scores
+                or self.updates)
+
+    @property
+    def updates(self) -> bool:
+        """Whether observations change the scores (:meth:`update_scores` or :meth:`decay` overridden)."""
+        cls = type(self)
+        return cls.update_scores is not Policy.update_scores or cls.decay is not Policy.decay
 
     @property
     def window_size(self) -> int:
@@ -170,10 +184,37 @@ class Policy:
         """Scores of newly written slots ``[B, H, q]`` from their keys and ranks (valid-token index)."""
         return torch.zeros(ranks.shape, dtype=torch.float32, device=ranks.device)
 
+    def decay(self, n_new: int) -> float | None:
+        """The update as ``scores <- decay · scores + obs`` after ``n_new`` queries (H2O 1, A2SF α^n, TOVA 0), or None
+        for any other rule (then :meth:`update_scores` says it). With a decay, a decode step folds its softmax rows
+        into the scores in the op that averages them over the query heads (:meth:`fold_rows`)."""
+        return None
+
     def update_scores(self, scores: torch.Tensor, obs: torch.Tensor | None, n_new: int) -> torch.Tensor:
         """New per-slot scores after a forward of ``n_new`` queries that observed ``obs``; the cache owns ``scores``,
-        so a policy may update it in place and return it (one op per decode step instead of a new tensor and a copy)."""
-        return scores
+        so a policy may update it in place and return it (one op per decode step instead of a new tensor and a copy).
+        By default the :meth:`decay` rule, or unchanged scores."""
+        d = self.decay(n_new)
+        if d is None:
+            return scores
+        assert obs is not None
+        if d == 0.0:
+            return obs
+        return scores.add_(obs) if d == 1.0 else torch.add(obs, scores, alpha=d, out=scores)
+
+    def fold_rows(self, scores: torch.Tensor, rows: torch.Tensor) -> None:
+        """:meth:`update_scores` (with a :meth:`decay`) from a decode step's softmax rows ``[B * Hkv, G, S]``, before
+        they are averaged over each KV group's query heads (over every head with ``shared_across_heads``): the mean
+        and the update in one ``baddbmm`` on ``scores [B, Hkv, S]``, in place."""
+        d = self.decay(1)
+        assert d is not None
+        b, hkv, s = scores.shape
+        if self.shared_across_heads:  # every KV head's score is the mean of all B x Hq rows of its batch row
+            n = rows.shape[0] // b * rows.shape[1]
+            scores.baddbmm_(_mean_weights(b, hkv, n, rows.dtype, rows.device), rows.view(b, n, s), beta=d)
+        else:
+            g = rows.shape[1]
+            scores.view(b * hkv, 1, s).baddbmm_(_mean_weights(b * hkv, 1, g, rows.dtype, rows.device), rows, beta=d)
 
     def eviction_scores(
         self, scores: torch.Tensor, keys: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .base import Policy
 
 
@@ -22,6 +20,5 @@ class H2O(Policy):
     name = "h2o"
     observation = "all_queries"
 
-    def update_scores(self, scores: torch.Tensor, obs: torch.Tensor | None, n_new: int) -> torch.Tensor:
-        assert obs is not None
-        return scores.add_(obs)
+    def decay(self, n_new: int) -> float:
+        return 1.0
