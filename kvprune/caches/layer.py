@@ -84,12 +84,15 @@ class PruningLayer(SlotLayer):
         n = self.keys.shape[-2]
         if self._bufs is None or n + q > self._bufs[0].shape[-2]:
             self._reserve(room(n + q), stacked=q == 1)  # a prompt's buffers stay the layer's own
-        kbuf, vbuf, pbuf = self._bufs[:3]
-        kbuf[:, :, n : n + q] = key_states
-        vbuf[:, :, n : n + q] = value_states
         if q == 1:
-            pbuf[:, :, n].fill_(self.n_seen)
+            kt, vt, pt = self._tail(n)
+            kt.copy_(key_states)
+            vt.copy_(value_states)
+            pt.fill_(self.n_seen)
         else:
+            kbuf, vbuf, pbuf = self._bufs[:3]
+            kbuf[:, :, n : n + q] = key_states
+            vbuf[:, :, n : n + q] = value_states
             pbuf[:, :, n : n + q] = torch.arange(self.n_seen, self.n_seen + q, dtype=INDEX_DTYPE, device=self.device)
         self._use_slots(n + q)
         # evict_every=k: a one-token step evicts at every k-th one-token step since the last multi-token forward

@@ -100,8 +100,9 @@ class SlotLayer(KVLayer):
     def _reset_slots(self) -> None:
         """No buffers, nothing held (the layer is not initialised)."""
         self._meta: list[torch.Tensor | None] = [None, None, None, None]
-        #: held slots -> (keys, values, metadata views) of the current buffers (see _use_slots)
+        #: held slots -> (keys, values, metadata views) of the current buffers (see _use_slots); slot -> _tail's views
         self._views: dict[int, tuple] = {}
+        self._tails: dict[int, tuple] = {}
         #: (keys, values, positions, ranks, valid, scores) buffers; the held slots are their first ``physical_length``
         self._bufs: tuple[torch.Tensor, ...] | None = None
         self._held = 0
@@ -153,6 +154,16 @@ class SlotLayer(KVLayer):
         self.keys, self.values, self._meta = views  # metadata views are made when first used
         self._held = n
 
+    def _tail(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where one token appended at slot ``n`` goes: views of the key, value and position buffers at ``n``, kept
+        like :meth:`_use_slots`' views (a decode step that evicts appends at the same slot every time)."""
+        tail = self._tails.get(n)
+        if tail is None:
+            if len(self._tails) >= 2:
+                self._tails.clear()
+            tail = self._tails[n] = (self._bufs[0][:, :, n : n + 1], self._bufs[1][:, :, n : n + 1], self._bufs[2][:, :, n])
+        return tail
+
     def _reserve(self, slots: int, stacked: bool = False) -> None:
         """Move the held slots to the front of new buffers of ``slots`` slots; the rest are free, with defaults.
         ``stacked``: the buffers may be this layer's slices of the cache's shared ones (:mod:`.stacked`)."""
@@ -192,7 +203,7 @@ class SlotLayer(KVLayer):
 
     def _set_buffers(self, bufs: tuple[torch.Tensor, ...] | None) -> None:
         """Hold ``bufs`` (None: none, the next token reserves new ones), dropping what was made from the old ones."""
-        self._bufs, self._flat, self._views = bufs, None, {}
+        self._bufs, self._flat, self._views, self._tails = bufs, None, {}, {}
         if bufs is None:
             self._join(None)
 
