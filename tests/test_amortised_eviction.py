@@ -235,9 +235,9 @@ def test_tova_observes_only_the_steps_that_evict(lengths, monkeypatch):
         observed[-1] += obs is not None
         return real(self, scores, obs, n_new)
 
-    def counting_fold(self, scores, rows):  # or a decode step's rows, folded in directly
+    def counting_fold(self, scores, rows, decay=None):  # or a decode step's rows, folded in directly
         observed[-1] += 1
-        return real_fold(self, scores, rows)
+        return real_fold(self, scores, rows, decay)
 
     monkeypatch.setattr(TOVA, "update_scores", counting)
     monkeypatch.setattr(TOVA, "fold_rows", counting_fold)

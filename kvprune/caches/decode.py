@@ -96,24 +96,28 @@ def evict_over(members: list[tuple[Over, torch.Tensor | None]], recent: int, n_s
     # a padding victim is no eviction: count the real ones (one sync for every layer)
     evicted = (valid.gather(-1, victims).flatten(1).sum(1).tolist() if padded
                else [math.prod(victims.shape[1:])] * len(layers))
-    if not drop_together(layers, victims, evicted):  # one op per kind for all layers when their buffers are stacked
+    # one op per kind for all layers when their buffers are stacked (already checked when the views came from them)
+    if not drop_together(layers, victims, evicted, checked=stack is not None):
         for layer, layer_victims, n in zip(layers, victims.unbind(0), evicted):
             layer.drop_slots(layer_victims, n)
 
 
 def _stacked(members: list[tuple[Over, torch.Tensor | None]]) -> tuple[torch.Tensor, ...] | None:
     """Every kind's held slots of the members' shared generation (:meth:`Generation.held`) when the members are all
-    of its layers, in order, with the same held count, and each one's eviction scores are its score state; else
+    of its layers, in order, with the same held count, tokens seen and storage flags (what
+    :func:`~kvprune.caches.stacked.drop_together` needs), and each one's eviction scores are its score state; else
     None (stack each layer's own)."""
-    gen = members[0][0].generation
-    if gen is None:
+    first = members[0][0]
+    gen = first.generation
+    if gen is None or len(members) != len(gen.tensors[0]):
         return None
-    s = members[0][0].keys.shape[-2]
+    s, n, flags = first.keys.shape[-2], first.n_seen, (first.ranks_are_positions, first.all_valid)
     for i, (layer, eff) in enumerate(members):
-        if (layer.generation is not gen or layer.layer_idx != i or layer.keys.shape[-2] != s
+        if (layer.generation is not gen or layer.layer_idx != i or layer.keys.shape[-2] != s or layer.n_seen != n
+                or (layer.ranks_are_positions, layer.all_valid) != flags
                 or (eff is not None and eff is not layer.scores)):
             return None
-    return gen.held(s) if len(members) == len(gen.tensors[0]) else None
+    return gen.held(s)
 
 
 class DeferredEvictions:
@@ -143,7 +147,7 @@ class DeferredEvictions:
         due, self.due = self.due, []
         groups: dict[tuple, list[tuple[Over, torch.Tensor | None]]] = {}
         for layer, eff, recent, n_sink, over in due:
-            key = (tuple(layer.ranks.shape), layer.ranks.device, eff is None, recent, n_sink, over)
+            key = (layer.keys.shape[:3], layer.keys.device, eff is None, recent, n_sink, over)
             groups.setdefault(key, []).append((layer, eff))
         for (*_, recent, n_sink, over), members in groups.items():
             evict_over(members, recent, n_sink, over)

@@ -40,6 +40,12 @@ class PruningLayer(SlotLayer):
         self.layer_idx = layer_idx
         self.policy = policy
         self.budget = budget
+        #: the policy's fixed numbers, read at every step: the smallest budget it allows, and its score decay at a
+        #: one-token step (None: observations are handed to ``finish``, see :meth:`fold_row`)
+        self.floor = policy.min_budget()
+        self.decay = policy.decay(1)
+        self.scored = policy.scored  # False: nothing ranks the slots, protection alone decides (StreamingLLM)
+        self.ranks_whole_cache = type(policy).eviction_scores is not Policy.eviction_scores  # KeyDiff, SnapKV
         self.prefill_only = False  # set by the cache: evict once, after the first forward
         self.evict_every = 1  # set by the cache: one-token steps evict at every this many of them
         #: set by the cache: one-over decode evictions chosen with the other layers' (None: each layer alone)
@@ -223,12 +229,11 @@ class PruningLayer(SlotLayer):
         """Fold a decode step's softmax rows ``[B * Hkv, G, S]`` into the scores now, averaged over the query heads in
         the same op, when the policy's update is a :meth:`~kvprune.policies.Policy.decay` (``finish`` then gets no
         observation); False: it cannot (another rule, a head mean over several tensor-parallel ranks, or float64 rows
-        of a float64 model against the float32 scores)."""
-        policy = self.policy
-        if (self.frozen or policy.decay(1) is None or rows.dtype != self.scores.dtype
-                or (policy.shared_across_heads and parallel_of(self).active)):
+        of a float64 model: the scores are float32)."""
+        if (self.decay is None or self.frozen or rows.dtype != torch.float32
+                or (self.policy.shared_across_heads and parallel_of(self).active)):
             return False
-        policy.fold_rows(self.scores, rows)
+        self.policy.fold_rows(self.scores, rows, self.decay)
         self.folded = True
         return True
 
@@ -236,7 +241,7 @@ class PruningLayer(SlotLayer):
         """Slots each row may fill now, ``[B]`` (None: unbounded). Rows get their own ratio budgets."""
         if self.budget is None or not self.policy.evicts or self.n_valid is None:
             return None
-        return self.budget.slots(self.n_valid, self.policy.min_budget())
+        return self.budget.slots(self.n_valid, self.floor)
 
     def protected(self, caps: torch.Tensor) -> torch.Tensor:
         """Sinks, the recent window and the newest token of each row: ``[B, H, S]`` bool."""
@@ -257,7 +262,7 @@ class PruningLayer(SlotLayer):
             self._adopt(self.positions.argsort(dim=-1))
             self.in_position_order = True
         eff = self.scores
-        if type(self.policy).eviction_scores is not Policy.eviction_scores:
+        if self.ranks_whole_cache:
             eff = self.policy.eviction_scores(eff, self.policy_keys(), self.ranks, self.valid, self.n_valid)
         eff = rank_grid(eff).masked_fill(self.protected(caps), float("inf")).masked_fill(~self.valid, float("-inf"))
         # stable sort: among equal scores the older token (earlier slot) wins, deterministically (a decode step one
@@ -286,7 +291,7 @@ class PruningLayer(SlotLayer):
         if budget is None or not self.policy.evicts:
             return False
         if budget.tokens is not None or self.ranks_are_positions:  # no padding seen: every row saw n_seen tokens
-            cap = budget.slots_for(self.n_seen, self.policy.min_budget())
+            cap = budget.slots_for(self.n_seen, self.floor)
         else:  # a ratio of the tokens seen: the fast path when every row may hold the same count now
             caps = self.capacity()
             cap = int(caps.min())
@@ -298,8 +303,8 @@ class PruningLayer(SlotLayer):
         over = s - cap
         if over > min(cap, FEW_OVER_MAX):
             return False
-        eff = self.scores if self.policy.scored else None  # None: nothing scored, protection alone decides
-        if type(self.policy).eviction_scores is not Policy.eviction_scores:
+        eff = self.scores if self.scored else None  # None: nothing scored, protection alone decides
+        if self.ranks_whole_cache:
             eff = self.policy.eviction_scores(eff, self.policy_keys(), self.ranks, self.valid, self.n_valid)
         recent = max(1, self.policy.recent_count(cap))
         if self.deferred is not None:
@@ -315,7 +320,7 @@ class PruningLayer(SlotLayer):
 
     @property
     def moves_scores(self) -> bool:
-        return self.policy.scored
+        return self.scored
 
     @property
     def heads_drop_alike(self) -> bool:

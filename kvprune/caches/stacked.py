@@ -128,18 +128,18 @@ class Stacked(Protocol):
 FREE_SLOT = (None, None, None, -1, True, 0.0)
 
 
-def drop_together(layers: list[Stacked], victims: torch.Tensor, evicted: list[int]) -> bool:
+def drop_together(layers: list[Stacked], victims: torch.Tensor, evicted: list[int], checked: bool = False) -> bool:
     """Drop slots ``victims [L, B, H, m]`` of each layer in ``layers`` (each ``m`` slots over, all in one generation
     with the same held count and storage flags; ``evicted``: how many victims were real tokens, per layer): every
     layer's newest surviving slots move into its victims' places with one op per kind. False (nothing done) when
-    the layers do not share a generation that way."""
+    the layers do not share a generation that way (``checked``: the caller made sure they do)."""
     gen = layers[0].generation
     s, n = layers[0].keys.shape[-2], layers[0].n_seen
     kinds = layers[0].moved_kinds()
-    if gen is None or any(
+    if not checked and (gen is None or any(
         layer.generation is not gen or layer.keys.shape[-2] != s or layer.n_seen != n or layer.moved_kinds() != kinds
         for layer in layers
-    ):
+    )):
         return False
     views, starts, last = gen.flat(s, tuple(layer.layer_idx for layer in layers))
     move_newest(views, victims, starts, s, last, kinds, n - 1)

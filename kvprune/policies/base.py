@@ -202,11 +202,11 @@ class Policy:
             return obs
         return scores.add_(obs) if d == 1.0 else torch.add(obs, scores, alpha=d, out=scores)
 
-    def fold_rows(self, scores: torch.Tensor, rows: torch.Tensor) -> None:
+    def fold_rows(self, scores: torch.Tensor, rows: torch.Tensor, decay: float | None = None) -> None:
         """:meth:`update_scores` (with a :meth:`decay`) from a decode step's softmax rows ``[B * Hkv, G, S]``, before
         they are averaged over each KV group's query heads (over every head with ``shared_across_heads``): the mean
-        and the update in one ``baddbmm`` on ``scores [B, Hkv, S]``, in place."""
-        d = self.decay(1)
+        and the update in one ``baddbmm`` on ``scores [B, Hkv, S]``, in place. ``decay``: ``decay(1)`` if known."""
+        d = self.decay(1) if decay is None else decay
         assert d is not None
         b, hkv, s = scores.shape
         if self.shared_across_heads:  # every KV head's score is the mean of all B x Hq rows of its batch row
