@@ -16,6 +16,9 @@ from .base import KVLayer, grown
 from .stacked import FREE_SLOT, Generation, StackedSlots, flat_slots, move_newest
 
 INDEX_DTYPE = torch.int32
+#: held counts whose views a layer keeps: decode steps with ``evict_every=k`` cycle through k + 1 counts (budget to
+#: budget + k), so up to k = 64 (the few-slot path) every step reuses its views; a growing cache clears them now and then
+VIEWS_KEPT = 66
 
 
 def take_slots(t: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,11 +147,11 @@ class SlotLayer(KVLayer):
 
     # -- buffers with free slots at the end; keys, values and metadata are views of their front --------
     def _use_slots(self, n: int) -> None:
-        # the views of n held slots are kept for the buffers' life: a decode step that evicts alternates between
-        # two counts (budget + 1 while attending, budget after), so it makes no views at all
+        # the views of n held slots are kept for the buffers' life: decode steps that evict cycle through a few
+        # counts (budget + 1 while attending, budget after; up to budget + k with evict_every=k), so they make no views
         views = self._views.get(n)
         if views is None:
-            if len(self._views) >= 2:
+            if len(self._views) >= VIEWS_KEPT:
                 self._views.clear()
             views = self._views[n] = (self._bufs[0][:, :, :n], self._bufs[1][:, :, :n], [None, None, None, None])
         self.keys, self.values, self._meta = views  # metadata views are made when first used
@@ -159,7 +162,7 @@ class SlotLayer(KVLayer):
         like :meth:`_use_slots`' views (a decode step that evicts appends at the same slot every time)."""
         tail = self._tails.get(n)
         if tail is None:
-            if len(self._tails) >= 2:
+            if len(self._tails) >= VIEWS_KEPT:
                 self._tails.clear()
             tail = self._tails[n] = (self._bufs[0][:, :, n : n + 1], self._bufs[1][:, :, n : n + 1], self._bufs[2][:, :, n])
         return tail
