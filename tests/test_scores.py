@@ -130,3 +130,31 @@ def test_decode_steps_score_alike_folded_or_not(name, monkeypatch):
     for (pa, sa), (pb, sb) in zip(*runs):
         assert torch.equal(pa, pb)
         torch.testing.assert_close(sa, sb)
+
+
+def test_an_update_scores_override_wins_over_an_inherited_decay():
+    """A subclass of H2O (decay 1) that overrides update_scores keeps its own rule at decode steps: the fold, which
+    implements the decay, is not taken for it."""
+    from dataclasses import dataclass
+
+    from kvprune.policies.h2o import H2O
+
+    @dataclass
+    class Doubling(H2O):
+        name = "h2o_doubling_test"
+
+        def update_scores(self, scores, obs, n_new):
+            return scores.add_(obs, alpha=2.0)
+
+    model = tiny_model()
+    ids, _ = padded_batch([24])
+    kept = {}
+    for policy in (H2O(recent=0.5), Doubling(recent=0.5)):
+        cache = kvprune.make_cache(model, policy, 12)
+        with torch.no_grad():
+            nxt = model(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+            for _ in range(4):
+                nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        kept[policy.name] = cache.layers[0].scores.sort(-1).values
+    # every score of the doubling rule is twice H2O's (the same tokens are kept: scaling does not reorder them)
+    torch.testing.assert_close(kept["h2o_doubling_test"], 2 * kept["h2o"])

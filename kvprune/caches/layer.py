@@ -43,7 +43,8 @@ class PruningLayer(SlotLayer):
         #: the policy's fixed numbers, read at every step: the smallest budget it allows, and its score decay at a
         #: one-token step (None: observations are handed to ``finish``, see :meth:`fold_row`)
         self.floor = policy.min_budget()
-        self.decay = policy.decay(1)
+        # (a subclass that overrides update_scores keeps its own rule, whatever decay it inherits)
+        self.decay = policy.decay(1) if type(policy).update_scores is Policy.update_scores else None
         self.scored = policy.scored  # False: nothing ranks the slots, protection alone decides (StreamingLLM)
         self.ranks_whole_cache = type(policy).eviction_scores is not Policy.eviction_scores  # KeyDiff, SnapKV
         self.prefill_only = False  # set by the cache: evict once, after the first forward

@@ -186,8 +186,9 @@ class Policy:
 
     def decay(self, n_new: int) -> float | None:
         """The update as ``scores <- decay · scores + obs`` after ``n_new`` queries (H2O 1, A2SF α^n, TOVA 0), or None
-        for any other rule (then :meth:`update_scores` says it). With a decay, a decode step folds its softmax rows
-        into the scores in the op that averages them over the query heads (:meth:`fold_rows`)."""
+        for any other rule (then :meth:`update_scores` says it; an override of :meth:`update_scores` always wins). With
+        a decay, a decode step folds its softmax rows into the scores in the op that averages them over the query
+        heads (:meth:`fold_rows`)."""
         return None
 
     def update_scores(self, scores: torch.Tensor, obs: torch.Tensor | None, n_new: int) -> torch.Tensor:
