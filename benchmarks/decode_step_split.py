@@ -47,9 +47,11 @@ def timed(part: str, fn):
 
 def instrument() -> None:
     parts = {"update": "update", "observe_padding": "mask", "attention_allowed": "mask", "evict": "selection",
-             "_adopt": "gather", "drop_slots": "gather", "finish": "scores"}
+             "_adopt": "gather", "drop_slots": "gather", "finish": "scores", "fold_row": "scores"}
     for name, part in parts.items():
-        if hasattr(PruningLayer, name):  # drop_slots: decode evictions since this file's BENCHMARKS §9 "after"
+        # drop_slots: decode evictions since BENCHMARKS §9's first "after"; fold_row: the decode row folded into the
+        # scores in one op, since its second
+        if hasattr(PruningLayer, name):
             setattr(PruningLayer, name, timed(part, getattr(PruningLayer, name)))
     for name in ("grouped_probs", "grouped_output", "sdpa_output", "decode_row"):
         if hasattr(attention, name):  # decode_row: the observed decode row's one function, since BENCHMARKS §9
