@@ -269,3 +269,33 @@ def test_a_padded_row_evicts_at_the_steps_it_evicts_alone(lengths):
             assert int(tok[r]) == int(logits.argmax(-1)[0])
             in_batch = [[[p - pad for p in head] for head in layer[r]] for layer in kept]
             assert in_batch == [layer[0] for layer in _kept(alone)]
+
+
+def test_a_subclass_that_overrides_the_rule_observes_every_step():
+    """A TOVA subclass whose update accumulates does not inherit TOVA's promise that its scores are only the newest
+    observation: with evict_every=4 it still observes every step (resting would silently drop observations)."""
+    from dataclasses import dataclass
+
+    from kvprune.policies.tova import TOVA
+
+    seen = []
+
+    @dataclass
+    class AccumulatingTOVA(TOVA):
+        name = "tova_accumulating_test"
+
+        def update_scores(self, scores, obs, n_new):
+            seen.append(obs is not None)
+            return scores.add_(obs)
+
+    from kvprune.policies import POLICIES
+
+    try:
+        assert TOVA().rests_between_evictions and not AccumulatingTOVA().rests_between_evictions
+        model = tiny_model()
+        ids, mask = padded_batch([30])
+        cache = kvprune.make_cache(model, AccumulatingTOVA(recent=2), 12, evict_every=4)
+        list(_steps(model, cache, ids, mask, 12))
+    finally:
+        POLICIES.pop("tova_accumulating_test", None)  # other tests list the registered names
+    assert sum(seen) == model.config.num_hidden_layers * (1 + 12)  # the prompt, then every one of the 12 steps

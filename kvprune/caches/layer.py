@@ -46,6 +46,7 @@ class PruningLayer(SlotLayer):
         # (a subclass that overrides update_scores keeps its own rule, whatever decay it inherits)
         self.decay = policy.decay(1) if type(policy).update_scores is Policy.update_scores else None
         self.scored = policy.scored  # False: nothing ranks the slots, protection alone decides (StreamingLLM)
+        self.rests = policy.rests_between_evictions  # TOVA: steps between amortised evictions observe nothing
         self.ranks_whole_cache = type(policy).eviction_scores is not Policy.eviction_scores  # KeyDiff, SnapKV
         self.prefill_only = False  # set by the cache: evict once, after the first forward
         self.evict_every = 1  # set by the cache: one-token steps evict at every this many of them
@@ -109,7 +110,7 @@ class PruningLayer(SlotLayer):
         self.evicts = self.one_token_steps % self.evict_every == 0
         self.n_seen += q
         self.pending = q
-        self.resting = q == 1 and self.policy.replaces_scores and not self.evicts
+        self.resting = q == 1 and self.rests and not self.evicts
         return bind(self.keys, self), self.values
 
     @property

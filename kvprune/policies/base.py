@@ -115,7 +115,8 @@ class Policy:
     #: first head it is given (non-zero on a tensor-parallel rank, which holds a slice of the heads)
     keyed_by_head: ClassVar[bool] = False
     #: ``update_scores`` replaces every score with the newest observation (nothing carries over), so a one-token
-    #: step that does not evict (``evict_every > 1``) need not observe at all
+    #: step that does not evict (``evict_every > 1``) need not observe at all (honoured only when declared with the
+    #: update rule or below it: see :meth:`rests_between_evictions`)
     replaces_scores: ClassVar[bool] = False
     #: the policy never evicts (budget is ignored)
     evicts: ClassVar[bool] = True
@@ -163,6 +164,16 @@ class Policy:
         cls = type(self)
         return (cls.initial_scores is not Policy.initial_scores or cls.eviction_scores is not Policy.eviction_scores
                 or self.updates)
+
+    @property
+    def rests_between_evictions(self) -> bool:
+        """:attr:`replaces_scores`, when the class that says so is the one that defines the update rule
+        (:meth:`update_scores` or :meth:`decay`) or a subclass of it: a subclass that overrides the rule does not
+        inherit its parent's promise (a TOVA subclass that accumulates must observe every step)."""
+        cls = type(self)
+        rule = next(k for k in cls.__mro__ if "update_scores" in k.__dict__ or "decay" in k.__dict__)
+        said = next(k for k in cls.__mro__ if "replaces_scores" in k.__dict__)
+        return bool(self.replaces_scores) and issubclass(said, rule)
 
     @property
     def updates(self) -> bool:
