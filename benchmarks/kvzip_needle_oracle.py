@@ -33,8 +33,10 @@ def _compress_keeping_needles(self: KVzipCache) -> None:
     _compress(self)
 
 
-def needle_spans(context_ids: list[int], answer_ids: list[list[int]], before: int = 24, after: int = 2) -> list[tuple[int, int]]:
-    """Slot ranges around every occurrence of each answer's tokens in the context (slots are positions before eviction)."""
+def needle_spans(context_ids: list[int], answer_ids: list[list[int]], before: int = 24,
+                 after: int = 2) -> list[tuple[int, int]]:
+    """Slot ranges around every occurrence of each answer's tokens in the context (slots are positions before
+    eviction)."""
     spans = []
     for a in answer_ids:
         for s in range(len(context_ids) - len(a) + 1):
@@ -63,8 +65,8 @@ def main() -> None:
         KEPT[:] = needle_spans(context, [tok.encode(str(a), add_special_tokens=False) for a in ex["answers"]])
         r = run_qa(model, tok, [ex], "kvzip", args.budget, prompt=prompt, stop_strings=())[0]
         right += r.correct
-        print(json.dumps(dict(id=i, kept_spans=KEPT, correct=r.correct, prediction=r.prediction[:24], answer=ex["answer"])),
-              flush=True)
+        print(json.dumps(dict(id=i, kept_spans=KEPT, correct=r.correct, prediction=r.prediction[:24],
+                              answer=ex["answer"])), flush=True)
     print(f"{right}/{len(wanted)} right with every needle sentence kept (kvzip at {args.budget})")
 
 

@@ -24,7 +24,8 @@ def one_over_victims(eff: torch.Tensor | None, ranks: torch.Tensor, first_recent
     """The slot each (…, row, head) drops, ``[..., B, H, 1]``, from scores ``eff [..., B, H, S]`` (higher is kept;
     None: nothing is scored, every slot ties).
 
-    Protected: the sinks (``ranks < n_sink``) and the recent window (``ranks >= first_recent``, ``[..., B, 1, 1]`` or one int for all).
+    Protected: the sinks (``ranks < n_sink``) and the recent window (``ranks >= first_recent``, ``[..., B, 1, 1]``
+    or one int for all).
     A padding slot (``valid`` False) goes first; among the rest the lowest score on
     :func:`~kvprune.policies.base.rank_grid` goes, the newest (highest rank) among equals: exactly what the
     stable sort of the general eviction keeps and drops (which padding slot goes does not matter).

@@ -16,8 +16,9 @@ from .base import KVLayer, grown
 from .stacked import FREE_SLOT, Generation, StackedSlots, flat_slots, move_newest
 
 INDEX_DTYPE = torch.int32
-#: held counts whose views a layer keeps: decode steps with ``evict_every=k`` cycle through k + 1 counts (budget to
-#: budget + k), so up to k = 64 (the few-slot path) every step reuses its views; a growing cache clears them now and then
+#: held counts whose views a layer keeps: decode steps with ``evict_every=k`` cycle through k + 1 counts (budget
+#: to budget + k), so up to k = 64 (the few-slot path) every step reuses its views; a growing cache clears them
+#: now and then
 VIEWS_KEPT = 66
 
 
@@ -164,7 +165,8 @@ class SlotLayer(KVLayer):
         if tail is None:
             if len(self._tails) >= VIEWS_KEPT:
                 self._tails.clear()
-            tail = self._tails[n] = (self._bufs[0][:, :, n : n + 1], self._bufs[1][:, :, n : n + 1], self._bufs[2][:, :, n])
+            kbuf, vbuf, pbuf = self._bufs[:3]
+            tail = self._tails[n] = (kbuf[:, :, n : n + 1], vbuf[:, :, n : n + 1], pbuf[:, :, n])
         return tail
 
     def _reserve(self, slots: int, stacked: bool = False) -> None:

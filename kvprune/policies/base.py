@@ -55,8 +55,8 @@ def keep_top(score: torch.Tensor, present: torch.Tensor, forced: torch.Tensor, k
 
 @functools.lru_cache(maxsize=32)
 def _mean_weights(batch: int, m: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[batch, m, n]`` filled with ``1 / n`` (materialised: ``bmm`` is slower on a stride-0 view): the left factor of a mean over ``n`` rows as a
-    ``bmm``; made once per shape (a decode step is mostly per-op overhead)."""
+    """``[batch, m, n]`` filled with ``1 / n``: the left factor of a mean over ``n`` rows as a ``bmm``; made once per
+    shape (a decode step is mostly per-op overhead), and materialised (``bmm`` is slower on a stride-0 view)."""
     return torch.full((batch, m, n), 1.0 / n, dtype=dtype, device=device)
 
 
