@@ -14,6 +14,8 @@ Step-by-step forwards (LazyLLM, SpAtten) tell each layer what the step is about 
 
 from __future__ import annotations
 
+import weakref
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -79,14 +81,19 @@ class AttentionLayer(Protocol):
 
 
 def bind(keys: torch.Tensor, layer: AttentionLayer) -> torch.Tensor:
-    """Name ``layer`` as the owner of ``keys`` (what ``update`` returns) for the attention function."""
-    setattr(keys, _ATTR, layer)
+    """Name ``layer`` as the owner of ``keys`` (what ``update`` returns) for the attention function. A weak
+    reference: the layer keeps its keys (views of its buffers), so a strong one would be a reference cycle, and a
+    dropped cache's memory would wait for the garbage collector."""
+    ref = getattr(keys, _ATTR, None)
+    if ref is None or ref() is not layer:  # a layer hands the same kept view back at every step
+        setattr(keys, _ATTR, weakref.ref(layer))
     return keys
 
 
 def layer_of(keys: torch.Tensor) -> AttentionLayer | None:
     """The kvprune layer that returned ``keys`` from its ``update``, or None (no kvprune cache in this call)."""
-    return getattr(keys, _ATTR, None)
+    ref = getattr(keys, _ATTR, None)
+    return None if ref is None else ref()
 
 
 @dataclass

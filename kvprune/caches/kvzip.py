@@ -11,6 +11,8 @@ layer -- and with ``prefill_only=True`` the cache grows as a plain cache does).
 
 from __future__ import annotations
 
+import weakref
+
 from typing import Any
 
 import torch
@@ -83,7 +85,9 @@ class KVzipLayer(PruningLayer):
             if self.policy.scope == "head":
                 self.evict()
             elif self.after_forward is not None:  # global: once per forward, when the last layer is done
-                self.after_forward()
+                evict = self.after_forward()  # a weak method of the cache (no reference cycle)
+                if evict is not None:
+                    evict()
 
     def keep_mask(self, mask: torch.Tensor) -> None:
         """Hold the slots where ``mask [B, H, S]`` is true: as many slots as the fullest (row, head) needs, the
@@ -111,7 +115,7 @@ class KVzipCache(PruningCache):
         if not isinstance(self.policy, KVzip):
             raise InvalidParameterError(f"KVzipCache runs the kvzip policy; got {self.policy.name!r}")
         if self.policy.scope == "global":  # after the context, the last layer's finish evicts across every layer
-            self.layers[-1].after_forward = self._evict_global
+            self.layers[-1].after_forward = weakref.WeakMethod(self._evict_global)
         self.tokenizer: Any = None  # set by the factory; the replay renders its instruction with it
         self.replay_seconds = 0.0  # wall time of the last replay and eviction (scoring cost)
 

@@ -10,6 +10,8 @@ in :mod:`kvprune.integrations.spatten` drive it.
 
 from __future__ import annotations
 
+import weakref
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,8 +64,17 @@ class SpAttenLayer(StepwiseLayer):
 
     def __init__(self, layer_idx: int, cache: SpAttenCache) -> None:
         super().__init__()
-        self.layer_idx, self.cache = layer_idx, cache
+        # weak: the cache holds its layers, so a strong reference back would keep a dropped cache's memory until
+        # the garbage collector runs
+        self.layer_idx, self._cache = layer_idx, weakref.ref(cache)
         self.reset()
+
+    @property
+    def cache(self) -> SpAttenCache:
+        """The cache this layer belongs to (its policy, counters and head state)."""
+        cache = self._cache()
+        assert cache is not None, "a SpAtten layer outlived its cache"
+        return cache
 
     def reset(self) -> None:
         self.keys: Stored | None = None
