@@ -37,3 +37,26 @@ def test_a_dropped_cache_frees_its_layers_without_the_garbage_collector(case):
     finally:
         gc.enable()
     assert not alive, f"layers {alive} of a dropped {case} cache wait for the garbage collector (a reference cycle)"
+
+
+@pytest.mark.parametrize("case", ["h2o", "tova-kv8", "kvzip", "kvzip-global"])
+def test_a_deep_copy_continues_like_the_original(case):
+    """Compress once, copy, ask on each (the multi-question use of a compressed document): the copy's layers answer
+    to the copy (the weak references back to a cache follow a deep copy) and give the original's logits."""
+    import copy
+
+    method, budget, params = tp_worker.METHODS[case]
+    model = tiny_model()
+    ids, _ = padded_batch([24])
+    question, _ = padded_batch([5], seed=3)
+    cache = kvprune.make_cache(model, method, budget, **params)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache)
+        twin = copy.deepcopy(cache)
+        runs = []
+        for c in (cache, twin):
+            logits = model(input_ids=question, past_key_values=c).logits
+            nxt = model(input_ids=logits[:, -1:].argmax(-1), past_key_values=c).logits
+            runs.append((logits, nxt))
+    torch.testing.assert_close(runs[0], runs[1])
+    assert twin.get_seq_length() == cache.get_seq_length() == 24 + 5 + 1

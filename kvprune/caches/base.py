@@ -8,6 +8,8 @@ A layer holds ``[B, H, slots, ...]`` keys and values and answers :class:`KVLayer
 
 from __future__ import annotations
 
+import weakref
+
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -71,6 +73,22 @@ def check_row_index(index: object, batch: int) -> torch.Tensor:
             f"row indices must be in [0, {batch}) for a cache holding {batch} rows; got min {int(t.min())}, max {int(t.max())}"
         )
     return t.long()
+
+
+class Owner:
+    """A layer's reference to the cache that holds it: weak, so the two form no reference cycle and a dropped cache
+    frees its memory at once; a deep copy of the cache re-points the copied layer's at the copied cache."""
+
+    def __init__(self, cache: object) -> None:
+        self._ref = weakref.ref(cache)
+
+    def __call__(self) -> Any:
+        """The cache (None once it is gone)."""
+        return self._ref()
+
+    def __deepcopy__(self, memo: dict) -> "Owner":
+        cache = self._ref()
+        return Owner(memo.get(id(cache), cache))
 
 
 @dataclass

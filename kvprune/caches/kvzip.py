@@ -11,8 +11,6 @@ layer -- and with ``prefill_only=True`` the cache grows as a plain cache does).
 
 from __future__ import annotations
 
-import weakref
-
 from typing import Any
 
 import torch
@@ -22,6 +20,7 @@ from ..distributed import parallel_of
 from ..errors import InvalidParameterError
 from ..policies.base import rank_grid
 from ..policies.kvzip import KVzip
+from .base import Owner
 from .cache import PruningCache
 from .layer import PruningLayer
 from .slots import INDEX_DTYPE
@@ -39,7 +38,7 @@ class KVzipLayer(PruningLayer):
         self.replay: Any = None  # what the driver tells the replay attention about the current chunk
         self._context: tuple[int, int, torch.Tensor, bool] | None = None
         if not hasattr(self, "after_forward"):
-            #: the global allocation's eviction (set on the last layer by the cache), or None: this layer evicts alone
+            #: the cache whose global eviction runs after this layer (the last; set by the cache, an Owner), or None
             self.after_forward: Any = None
 
     # -- replay bookkeeping --------------------------------------------------------------------
@@ -85,9 +84,9 @@ class KVzipLayer(PruningLayer):
             if self.policy.scope == "head":
                 self.evict()
             elif self.after_forward is not None:  # global: once per forward, when the last layer is done
-                evict = self.after_forward()  # a weak method of the cache (no reference cycle)
-                if evict is not None:
-                    evict()
+                cache = self.after_forward()  # the cache, weakly (no reference cycle)
+                if cache is not None:
+                    cache._evict_global()
 
     def keep_mask(self, mask: torch.Tensor) -> None:
         """Hold the slots where ``mask [B, H, S]`` is true: as many slots as the fullest (row, head) needs, the
@@ -115,7 +114,7 @@ class KVzipCache(PruningCache):
         if not isinstance(self.policy, KVzip):
             raise InvalidParameterError(f"KVzipCache runs the kvzip policy; got {self.policy.name!r}")
         if self.policy.scope == "global":  # after the context, the last layer's finish evicts across every layer
-            self.layers[-1].after_forward = weakref.WeakMethod(self._evict_global)
+            self.layers[-1].after_forward = Owner(self)
         self.tokenizer: Any = None  # set by the factory; the replay renders its instruction with it
         self.replay_seconds = 0.0  # wall time of the last replay and eviction (scoring cost)
 

@@ -10,8 +10,6 @@ in :mod:`kvprune.integrations.spatten` drive it.
 
 from __future__ import annotations
 
-import weakref
-
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +19,7 @@ from ..distributed import SINGLE, TensorParallel
 from ..errors import BatchMismatchError
 from ..policies.random import hash_uniform
 from ..policies.spatten import SpAtten
-from .base import check_layout
+from .base import Owner, check_layout
 from .contract import StepContext, bind
 from .stepwise import StepwiseCache, StepwiseLayer
 from .quant import QTensor, cat, dequantize, quantize
@@ -66,7 +64,7 @@ class SpAttenLayer(StepwiseLayer):
         super().__init__()
         # weak: the cache holds its layers, so a strong reference back would keep a dropped cache's memory until
         # the garbage collector runs
-        self.layer_idx, self._cache = layer_idx, weakref.ref(cache)
+        self.layer_idx, self._cache = layer_idx, Owner(cache)
         self.reset()
 
     @property
