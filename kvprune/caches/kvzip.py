@@ -37,9 +37,9 @@ class KVzipLayer(PruningLayer):
         self.own_attention = None  # set by the replay driver while a replay forward runs
         self.replay: Any = None  # what the driver tells the replay attention about the current chunk
         self._context: tuple[int, int, torch.Tensor, bool] | None = None
-        if not hasattr(self, "after_forward"):
+        if not hasattr(self, "evicts_for"):
             #: the cache whose global eviction runs after this layer (the last; set by the cache, an Owner), or None
-            self.after_forward: Any = None
+            self.evicts_for: Owner | None = None
 
     # -- replay bookkeeping --------------------------------------------------------------------
     def begin_replay(self) -> None:
@@ -83,8 +83,8 @@ class KVzipLayer(PruningLayer):
         if self.evicts:
             if self.policy.scope == "head":
                 self.evict()
-            elif self.after_forward is not None:  # global: once per forward, when the last layer is done
-                cache = self.after_forward()  # the cache, weakly (no reference cycle)
+            elif self.evicts_for is not None:  # global: once per forward, when the last layer is done
+                cache = self.evicts_for()  # the cache, weakly (no reference cycle)
                 if cache is not None:
                     cache._evict_global()
 
@@ -114,7 +114,7 @@ class KVzipCache(PruningCache):
         if not isinstance(self.policy, KVzip):
             raise InvalidParameterError(f"KVzipCache runs the kvzip policy; got {self.policy.name!r}")
         if self.policy.scope == "global":  # after the context, the last layer's finish evicts across every layer
-            self.layers[-1].after_forward = Owner(self)
+            self.layers[-1].evicts_for = Owner(self)
         self.tokenizer: Any = None  # set by the factory; the replay renders its instruction with it
         self.replay_seconds = 0.0  # wall time of the last replay and eviction (scoring cost)
 

@@ -43,8 +43,8 @@ class PruningLayer(SlotLayer):
         #: the policy's fixed numbers, read at every step: the smallest budget it allows, and its score decay at a
         #: one-token step (None: observations are handed to ``finish``, see :meth:`fold_row`)
         self.floor = policy.min_budget()
-        # (a subclass that overrides update_scores keeps its own rule, whatever decay it inherits)
-        self.decay = policy.decay(1) if type(policy).update_scores is Policy.update_scores else None
+        self.decay = policy.decode_decay
+        self.updates = policy.updates  # False: scores never change once written
         self.scored = policy.scored  # False: nothing ranks the slots, protection alone decides (StreamingLLM)
         self.rests = policy.rests_between_evictions  # TOVA: steps between amortised evictions observe nothing
         self.ranks_whole_cache = type(policy).eviction_scores is not Policy.eviction_scores  # KeyDiff, SnapKV
@@ -218,7 +218,7 @@ class PruningLayer(SlotLayer):
             self.pending = 0
             return
         folded, self.folded = self.folded, False
-        if self.policy.updates and not folded and (obs is not None or self.policy.observation == "none"):
+        if self.updates and not folded and (obs is not None or self.policy.observation == "none"):
             scores = self.policy.update_scores(self.scores, obs, self.pending)
             if scores is not self.scores:
                 self.scores.copy_(scores)  # in place: the scores are a view of their buffer

@@ -176,6 +176,12 @@ class Policy:
         return bool(self.replaces_scores) and issubclass(said, rule)
 
     @property
+    def decode_decay(self) -> float | None:
+        """``decay(1)`` when the decay is this policy's update rule (:meth:`update_scores` not overridden), else None:
+        what a decode step may fold in directly (:meth:`fold_rows`)."""
+        return self.decay(1) if type(self).update_scores is Policy.update_scores else None
+
+    @property
     def updates(self) -> bool:
         """Whether observations change the scores (:meth:`update_scores` or :meth:`decay` overridden)."""
         cls = type(self)
